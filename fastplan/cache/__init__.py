@@ -1,0 +1,6 @@
+"""Plans cached on disk under a fingerprint of their inputs, and ranks agreeing on one plan."""
+
+from fastplan.cache.fingerprint import plan_fingerprint
+from fastplan.cache.store import PlanCache
+
+__all__ = ["PlanCache", "plan_fingerprint"]

@@ -1,0 +1,129 @@
+"""A stable key (sha256 of a canonical JSON) for everything that decides a plan, and nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torchrec
+from torchrec.distributed.planner.types import ParameterConstraints, Topology
+
+from fastplan.planner.tables import TableInfo
+
+COST_MODEL_VERSION = "fastplan-cost-1"  # bump when the cost model or search changes plans
+
+
+def canonical(value: Any) -> Any:
+    """JSON-able form with sorted keys; objects by class name and fields, never by id."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, np.generic):
+        return canonical(value.item())
+    if isinstance(value, np.ndarray):
+        return [canonical(v) for v in value.tolist()]
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((canonical(v) for v in value), key=json.dumps)
+    if dataclasses.is_dataclass(value):
+        return {"__type__": type(value).__name__, **canonical({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})}
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    state = {k: v for k, v in vars(value).items() if not k.startswith("__")} if hasattr(value, "__dict__") else str(value)
+    return {"__type__": f"{type(value).__module__}.{type(value).__qualname__}", "state": canonical(state)}
+
+
+def _feature_names(table: TableInfo) -> List[str]:
+    for getter in ("embedding_bag_configs", "embedding_configs"):
+        configs = getattr(table.module, getter, None)
+        if callable(configs):
+            for c in configs():
+                if c.name == table.name:
+                    return list(c.feature_names)
+    return []
+
+
+def _table(t: TableInfo) -> Dict[str, Any]:
+    return {
+        "path": t.path,
+        "name": t.name,
+        "rows": t.rows,
+        "dim": t.dim,
+        "dtype": str(t.tensor.dtype),
+        "pooled": t.is_pooled,
+        "weighted": t.is_weighted,
+        "features": _feature_names(t),
+        "optimizer": canonical(getattr(t.tensor, "_optimizer_classes", None)),
+        "sharding": t.kernels,
+    }
+
+
+def _topology(topo: Topology) -> Dict[str, Any]:
+    return {
+        "world_size": topo.world_size,
+        "local_world_size": topo.local_world_size,
+        "intra_group_size": topo.intra_group_size,
+        "compute_device": topo.compute_device,
+        "devices": [[d.storage.hbm, d.storage.ddr, d.storage.ssd] for d in topo.devices],
+        "hbm_mem_bw": topo.hbm_mem_bw,
+        "ddr_mem_bw": topo.ddr_mem_bw,
+        "hbm_to_ddr_mem_bw": topo.hbm_to_ddr_mem_bw,
+        "ssd_mem_bw": topo.ssd_mem_bw,
+        "comms": str(topo.comms_bandwidths),
+        "bwd_compute_multiplier": topo.bwd_compute_multiplier,
+        "weighted_feature_bwd_compute_multiplier": topo.weighted_feature_bwd_compute_multiplier,
+    }
+
+
+def plan_fingerprint(
+    tables: List[TableInfo],
+    topology: Topology,
+    hbm_cap: np.ndarray,
+    ddr_cap: np.ndarray,
+    batch_size: int,
+    sharders: List[Any],
+    constraints: Optional[Dict[str, ParameterConstraints]],
+    storage_reservation: Any,
+    enumerator: Any,
+    search_config: Any,
+) -> str:
+    doc = {
+        "version": [COST_MODEL_VERSION, torchrec.__version__],
+        "tables": [_table(t) for t in tables],
+        "constraints": canonical(constraints or {}),
+        "topology": _topology(topology),
+        "reserved": {"hbm": canonical(hbm_cap), "ddr": canonical(ddr_cap)},
+        "batch_size": batch_size,
+        "sharders": sorted(
+            (
+                {
+                    "type": f"{type(s).__module__}.{type(s).__qualname__}",
+                    "fused_params": canonical(getattr(s, "fused_params", None) or {}),
+                    "qcomm": canonical(getattr(s, "qcomm_codecs_registry", None) and sorted(s.qcomm_codecs_registry)),
+                }
+                for s in sharders
+            ),
+            key=json.dumps,
+        ),
+        "storage_reservation": canonical(storage_reservation_fields(storage_reservation)),
+        "enumerator": None if enumerator is None else f"{type(enumerator).__module__}.{type(enumerator).__qualname__}",
+        "search": canonical(search_config),
+    }
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def storage_reservation_fields(reservation: Any) -> Dict[str, Any]:
+    """The reservation's settings, without what it caches from its last call."""
+    fields = {k: v for k, v in vars(reservation).items() if k in ("_percentage", "_hbm_reserved_bytes", "_parameter_multiplier", "_dense_tensor_estimate")}
+    return {"type": f"{type(reservation).__module__}.{type(reservation).__qualname__}", **fields}

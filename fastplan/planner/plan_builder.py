@@ -1,0 +1,104 @@
+"""Turn a chosen assignment into TorchRec types: `ShardingPlan` and, when asked, `ShardingOption`s."""
+
+from __future__ import annotations
+
+from typing import List
+
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.planner.enumerators import get_partition_by_type
+from torchrec.distributed.planner.types import Perf, Shard, ShardingOption, Storage
+from torchrec.distributed.sharding_plan import placement
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
+
+from fastplan.planner.cost import DP, PERF_FIELDS
+from fastplan.planner.search import Assignment
+from fastplan.planner.search_space import SearchSpace
+
+
+def to_sharding_plan(space: SearchSpace, a: Assignment, compute_device: str) -> ShardingPlan:
+    """One `ParameterSharding` per table, grouped by module path, as TorchRec's planner emits."""
+    plan = {}
+    local = space.local_world_size
+    for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
+        table = space.tables[t]
+        st = str(space.opt_type[o])
+        sl = space.shards(o)
+        rank_list = [int(r) for r in ranks]
+        spec = None
+        if st != DP:
+            spec = EnumerableShardingSpec(
+                [
+                    ShardMetadata(
+                        shard_sizes=size,
+                        shard_offsets=offset,
+                        placement=placement(compute_device, r, local),
+                    )
+                    for size, offset, r in zip(
+                        space.shard_size[sl].tolist(), space.shard_offset[sl].tolist(), rank_list
+                    )
+                ]
+            )
+        c = table.constraint
+        module_plan = plan.setdefault(table.path, EmbeddingModuleShardingPlan())
+        module_plan[table.name] = ParameterSharding(
+            sharding_spec=spec,
+            sharding_type=st,
+            compute_kernel=str(space.opt_kernel[o]),
+            ranks=rank_list,
+            cache_params=c.cache_params if c else None,
+            enforce_hbm=c.enforce_hbm if c else None,
+            stochastic_rounding=c.stochastic_rounding if c else None,
+            bounds_check_mode=c.bounds_check_mode if c else None,
+            output_dtype=c.output_dtype if c else None,
+            key_value_params=c.key_value_params if c else None,
+        )
+    return ShardingPlan(plan)
+
+
+def to_sharding_options(space: SearchSpace, a: Assignment, batch_size: int) -> List[ShardingOption]:
+    """The chosen options as TorchRec `ShardingOption`s (for callbacks and TorchRec `Stats`)."""
+    out = []
+    for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
+        table = space.tables[t]
+        sl = space.shards(o)
+        shards = [
+            Shard(
+                size=list(size),
+                offset=list(offset),
+                storage=Storage(hbm=int(h), ddr=int(d), ssd=0),
+                perf=Perf(**dict(zip(PERF_FIELDS, perf))),
+                rank=int(r),
+            )
+            for size, offset, h, d, perf, r in zip(
+                space.shard_size[sl].tolist(),
+                space.shard_offset[sl].tolist(),
+                space.shard_hbm[sl].tolist(),
+                space.shard_ddr[sl].tolist(),
+                space.shard_perf[sl].tolist(),
+                ranks.tolist(),
+            )
+        ]
+        c = table.constraint
+        st = str(space.opt_type[o])
+        out.append(
+            ShardingOption(
+                name=table.name,
+                tensor=table.tensor,
+                module=(table.path, table.module),
+                input_lengths=table.input_lengths,
+                batch_size=batch_size,
+                sharding_type=st,
+                partition_by=get_partition_by_type(st),
+                compute_kernel=str(space.opt_kernel[o]),
+                shards=shards,
+                cache_params=c.cache_params if c else None,
+                enforce_hbm=c.enforce_hbm if c else None,
+                stochastic_rounding=c.stochastic_rounding if c else None,
+                bounds_check_mode=c.bounds_check_mode if c else None,
+                is_pooled=table.is_pooled,
+                feature_names=c.feature_names if c else None,
+                output_dtype=c.output_dtype if c else None,
+                key_value_params=c.key_value_params if c else None,
+            )
+        )
+    return out

@@ -1,0 +1,247 @@
+"""Find the shardable tables of a module and the per-table facts that decide their cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.constants import BATCH_SIZE, NUM_POOLINGS, POOLING_FACTOR
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.utils import build_sharder_data, sharder_name
+from torchrec.distributed.types import ModuleSharder, ShardingType
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+
+from fastplan.planner.errors import ConstraintError
+
+SHARDING_TYPES = (
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.TABLE_ROW_WISE.value,
+)
+# Kernels the vectorized cost model knows; anything else goes through TorchRec's own enumerator.
+FAST_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching")
+# Kernels TorchRec offers only when asked for by name (KV / virtual tables).
+GUARDED_KERNELS = {"key_value", "ssd_virtual_table", "dram_virtual_table", "dram_ssd_virtual_table"}
+KNOWN_SHARDING_TYPES = set(SHARDING_TYPES) | {ShardingType.GRID_SHARD.value}
+
+
+@dataclass
+class TableInfo:
+    """One shardable embedding table and everything about it that enters the cost model."""
+
+    name: str
+    path: str
+    module: nn.Module
+    tensor: torch.Tensor
+    rows: int
+    dim: int
+    element_size: int
+    is_pooled: bool
+    is_weighted: bool
+    batch_inputs: float
+    batch_outputs: float
+    sharding_types: List[str]
+    kernels: Dict[str, List[str]]
+    constraint: Optional[ParameterConstraints]
+    fused_params: Dict[str, object]
+    qcomm_dtype_sizes: Dict[str, Tuple[float, float]]
+    storage_usage_type: object
+    input_lengths: List[float] = field(default_factory=list)
+
+    @property
+    def cache_params(self):
+        return self.constraint.cache_params if self.constraint else None
+
+    @property
+    def cache_load_factor(self) -> Optional[float]:
+        """Load factor the perf model sees: the table's cache params, else the sharder's."""
+        cp = self.cache_params
+        if cp is not None and cp.load_factor is not None:
+            return cp.load_factor
+        return self.fused_params.get("cache_load_factor")  # type: ignore[return-value]
+
+    @property
+    def prefetch_pipeline(self) -> bool:
+        cp = self.cache_params
+        if cp is not None and cp.prefetch_pipeline:
+            return True
+        return bool(self.fused_params.get("prefetch_pipeline", False))
+
+    @property
+    def output_data_type_size(self) -> float:
+        dtype = self.constraint.output_dtype if self.constraint else None
+        return DATA_TYPE_NUM_BITS[dtype] / 8 if dtype else float(self.element_size)
+
+    @property
+    def col_wise_shard_dim(self) -> Optional[int]:
+        return self.constraint.min_partition if self.constraint else None
+
+    def comm_data_type_sizes(self) -> Tuple[float, float, float, float]:
+        """(fwd a2a, bwd a2a, fwd reduce-scatter, bwd reduce-scatter) bytes per element."""
+        size = float(self.element_size)
+        fa2a = ba2a = fsr = bsr = size
+        q = self.qcomm_dtype_sizes
+        if self.is_pooled and "POOLED_EMBEDDINGS_ALL_TO_ALL" in q:
+            fa2a, ba2a = q["POOLED_EMBEDDINGS_ALL_TO_ALL"]
+        if not self.is_pooled and "SEQUENCE_EMBEDDINGS_ALL_TO_ALL" in q:
+            fa2a, ba2a = q["SEQUENCE_EMBEDDINGS_ALL_TO_ALL"]
+        if self.is_pooled and "POOLED_EMBEDDINGS_REDUCE_SCATTER" in q:
+            fsr, bsr = q["POOLED_EMBEDDINGS_REDUCE_SCATTER"]
+        return fa2a, ba2a, fsr, bsr
+
+    def needs_torchrec_estimator(self) -> bool:
+        """Features the vectorized model does not re-derive (TorchRec's estimators handle them)."""
+        c = self.constraint
+        if c is not None and (c.key_value_params or c.use_virtual_table or c.device_group):
+            return True
+        cp = self.cache_params
+        if cp is not None and cp.stats is not None:
+            return True
+        return any(k not in FAST_KERNELS for ks in self.kernels.values() for k in ks)
+
+
+def _is_pooled(module: nn.Module) -> bool:
+    from torchrec.modules.embedding_modules import EmbeddingCollectionInterface
+
+    return not isinstance(module, EmbeddingCollectionInterface)
+
+
+def _filter_kernels(name: str, allowed: List[str], constraint: Optional[ParameterConstraints]) -> List[str]:
+    if constraint and constraint.compute_kernels:
+        wanted = list(constraint.compute_kernels)
+    else:
+        wanted = [k for k in allowed if k not in GUARDED_KERNELS]
+    kernels = [k for k in allowed if k in wanted]
+    # Like TorchRec: KV needs an SSD tier; dense is only kept where fused is unavailable.
+    if "key_value" in kernels:
+        kernels.remove("key_value")
+    if "dense" in kernels and "fused" in kernels:
+        kernels.remove("dense")
+    return kernels
+
+
+def _batch_inputs_outputs(
+    constraint: Optional[ParameterConstraints], batch_size: int, is_pooled: bool
+) -> Tuple[List[float], float, float]:
+    input_lengths = list(constraint.pooling_factors) if constraint else [POOLING_FACTOR]
+    n = len(input_lengths)
+    num_poolings = list(constraint.num_poolings) if constraint and constraint.num_poolings else [NUM_POOLINGS] * n
+    batch_sizes = list(constraint.batch_sizes) if constraint and constraint.batch_sizes else [batch_size] * n
+    if not (len(num_poolings) == len(batch_sizes) == n):
+        raise ConstraintError(
+            "pooling_factors, num_poolings and batch_sizes must have the same length "
+            f"(got {n}, {len(num_poolings)}, {len(batch_sizes)})"
+        )
+    batch_inputs = sum(x * y * z for x, y, z in zip(input_lengths, num_poolings, batch_sizes))
+    if is_pooled:
+        batch_outputs = sum(min(1.0, il) * x * y for il, x, y in zip(input_lengths, num_poolings, batch_sizes))
+    else:
+        batch_outputs = batch_inputs
+    return input_lengths, batch_inputs, batch_outputs
+
+
+def collect_tables(
+    module: nn.Module,
+    sharders: List[ModuleSharder[nn.Module]],
+    compute_device: str,
+    batch_size: Optional[int] = None,
+    constraints: Optional[Dict[str, ParameterConstraints]] = None,
+) -> List[TableInfo]:
+    """Walk `module` breadth-first and return its shardable tables in a stable order."""
+    batch_size = batch_size or BATCH_SIZE
+    constraints = constraints or {}
+    sharder_map = {sharder_name(s.module_type): s for s in sharders}
+    tables: List[TableInfo] = []
+    queue: List[Tuple[str, nn.Module]] = [("", module)]
+    while queue:
+        path, child = queue.pop(0)
+        sharder = sharder_map.get(sharder_name(type(child)))
+        if sharder is None:
+            queue.extend(((f"{path}.{n}" if path else n), m) for n, m in child.named_children())
+            continue
+        data = build_sharder_data(sharder)
+        allowed_types = [t for t in sharder.sharding_types(compute_device) if t != ShardingType.GRID_SHARD.value]
+        weighted_module = (
+            child.is_weighted()
+            if isinstance(child, EmbeddingBagCollectionInterface) and callable(getattr(child, "is_weighted", None))
+            else None
+        )
+        fp = getattr(getattr(child, "_feature_processor", None), "feature_processor_modules", None)
+        pooled = _is_pooled(child)
+        for name, param in sharder.shardable_parameters(child).items():
+            c = constraints.get(name)
+            if c is not None and c.device_group and c.device_group != compute_device:
+                continue
+            types = allowed_types
+            if c is not None and c.sharding_types:
+                types = [t for t in allowed_types if t in set(c.sharding_types)]
+            kernels = {
+                t: _filter_kernels(name, sharder.compute_kernels(t, compute_device), c) for t in types
+            }
+            kernels = {t: ks for t, ks in kernels.items() if ks}
+            if not kernels:
+                raise ConstraintError(
+                    f"table '{name}' ({path}): no sharding type / compute kernel left after constraints "
+                    f"(sharder offers {allowed_types} on {compute_device}; constraint asks "
+                    f"sharding_types={c.sharding_types if c else None}, compute_kernels={c.compute_kernels if c else None})"
+                )
+            is_weighted = weighted_module if weighted_module is not None else bool(c and c.is_weighted)
+            has_fp = isinstance(fp, nn.ModuleDict) and name in fp.keys()
+            input_lengths, b_in, b_out = _batch_inputs_outputs(c, batch_size, pooled)
+            tables.append(
+                TableInfo(
+                    name=name,
+                    path=path,
+                    module=child,
+                    tensor=param,
+                    rows=int(param.shape[0]),
+                    dim=int(param.shape[1]),
+                    element_size=param.element_size(),
+                    is_pooled=pooled,
+                    is_weighted=bool(is_weighted or has_fp),
+                    batch_inputs=b_in,
+                    batch_outputs=b_out,
+                    sharding_types=[t for t in SHARDING_TYPES if t in kernels],
+                    kernels=kernels,
+                    constraint=c,
+                    fused_params=dict(data.fused_params or {}),
+                    qcomm_dtype_sizes=dict(data.qcomm_dtype_sizes or {}),
+                    storage_usage_type=data.storage_usage_type,
+                    input_lengths=input_lengths,
+                )
+            )
+    return tables
+
+
+def check_constraint_tables(
+    constraints: Optional[Dict[str, ParameterConstraints]], tables: List[TableInfo]
+) -> None:
+    """Reject constraints that name tables the module does not have."""
+    names = {t.name for t in tables}
+    unknown = sorted(set(constraints or {}) - names)
+    if unknown:
+        raise ConstraintError(
+            f"constraints name unknown table(s) {unknown}; the module's tables are e.g. {sorted(names)[:5]}"
+        )
+
+
+def check_constraint_values(constraints: Optional[Dict[str, ParameterConstraints]]) -> None:
+    """Reject constraints that name sharding types or compute kernels that do not exist."""
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+
+    known_kernels = {k.value for k in EmbeddingComputeKernel}
+    for name, c in sorted((constraints or {}).items()):
+        for st in c.sharding_types or []:
+            if st not in KNOWN_SHARDING_TYPES:
+                raise ConstraintError(
+                    f"table '{name}': unknown sharding type '{st}' (known: {sorted(KNOWN_SHARDING_TYPES)})"
+                )
+        for k in c.compute_kernels or []:
+            if k not in known_kernels:
+                raise ConstraintError(f"table '{name}': unknown compute kernel '{k}' (known: {sorted(known_kernels)})")
