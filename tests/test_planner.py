@@ -1,0 +1,176 @@
+"""FastShardingPlanner behaves like TorchRec's planner, only faster: real plans, same constraints, clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.perf_models import NoopPerfModel
+from torchrec.distributed.planner.types import ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from fastplan import ConstraintError, FastShardingPlanner, InfeasiblePlanError
+from fastplan.cache.agreement import plan_hash, table_digests
+from fastplan.models import ebc, report_tables
+
+SHARDERS = [EmbeddingBagCollectionSharder()]
+
+
+def planner(world=8, device="cuda", **kw):
+    kw.setdefault("cache", None)
+    kw.setdefault("debug", False)
+    return FastShardingPlanner(topology=Topology(world_size=world, compute_device=device, **kw.pop("topo", {})), **kw)
+
+
+def score_with_torchrec(module, plan, topology, sharders=SHARDERS):
+    """Max over ranks of summed Perf.total, with TorchRec's own estimators (shards matched by offset)."""
+    options = EmbeddingEnumerator(topology, batch_size=512).enumerate(module, sharders)
+    loads = [0.0] * topology.world_size
+    for so in sorted(options, key=lambda s: (s.path, s.name)):
+        ps = plan.plan[so.path][so.name]
+        if (ps.sharding_type, ps.compute_kernel) != (so.sharding_type, so.compute_kernel):
+            continue
+        for shard, rank in zip(so.shards, ps.ranks):
+            loads[rank] += shard.perf.total
+    return max(loads)
+
+
+def test_plan_is_a_torchrec_sharding_plan_covering_every_table():
+    module = ebc(report_tables(60))
+    plan = planner().plan(module, SHARDERS)
+    assert isinstance(plan, ShardingPlan)
+    assert sorted(plan.plan[""].keys()) == sorted(f"table_{i}" for i in range(60))
+    for ps in plan.plan[""].values():
+        assert all(0 <= r < 8 for r in ps.ranks)
+        if ps.sharding_type != "data_parallel":
+            assert len(ps.sharding_spec.shards) == len(ps.ranks)
+
+
+def test_plan_is_at_least_as_good_as_torchrec_on_its_own_cost_model():
+    module = ebc(report_tables(24, seed=3))
+    topology = Topology(world_size=4, compute_device="cuda")
+    ours = planner(world=4).plan(module, SHARDERS)
+    theirs = EmbeddingShardingPlanner(topology=topology, debug=False).plan(module, SHARDERS)
+    assert score_with_torchrec(module, ours, topology) <= score_with_torchrec(module, theirs, topology) * (1 + 1e-12)
+
+
+def test_same_inputs_give_the_same_plan_in_another_process():
+    module = ebc(report_tables(120, seed=5))
+    mine = plan_hash(table_digests(planner().plan(module, SHARDERS)))
+    code = (
+        "from fastplan.models import ebc, report_tables;"
+        "from fastplan.cache.agreement import plan_hash, table_digests;"
+        "from torchrec.distributed.planner.types import Topology;"
+        "from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder as S;"
+        "from fastplan import FastShardingPlanner as P;"
+        "p=P(topology=Topology(world_size=8, compute_device='cuda'), cache=None, debug=False);"
+        "print(plan_hash(table_digests(p.plan(ebc(report_tables(120, seed=5)), [S()]))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={"PYTHONHASHSEED": "123", "PATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == mine
+
+
+def test_constraints_restrict_sharding_types_and_kernels():
+    module = ebc(report_tables(10))
+    constraints = {
+        "table_0": ParameterConstraints(sharding_types=["row_wise"]),
+        "table_1": ParameterConstraints(sharding_types=["column_wise"], compute_kernels=["fused_uvm"]),
+        "table_2": ParameterConstraints(sharding_types=["data_parallel"]),
+    }
+    plan = planner(constraints=constraints).plan(module, SHARDERS).plan[""]
+    assert plan["table_0"].sharding_type == "row_wise" and plan["table_0"].ranks == list(range(8))
+    assert (plan["table_1"].sharding_type, plan["table_1"].compute_kernel) == ("column_wise", "fused_uvm")
+    assert plan["table_2"].sharding_type == "data_parallel"
+
+
+def test_constraint_naming_an_unknown_table_is_an_error():
+    with pytest.raises(ConstraintError, match="no_such_table"):
+        planner(constraints={"no_such_table": ParameterConstraints()}).plan(ebc(report_tables(3)), SHARDERS)
+
+
+def test_unknown_sharding_type_is_an_error_naming_it():
+    with pytest.raises(ConstraintError, match="diagonal_wise"):
+        planner(constraints={"table_0": ParameterConstraints(sharding_types=["diagonal_wise"])}).plan(
+            ebc(report_tables(3)), SHARDERS
+        )
+
+
+def test_infeasible_memory_names_the_table_and_the_bytes():
+    big = [EmbeddingBagConfig(name="huge", feature_names=["f"], embedding_dim=128, num_embeddings=10_000_000)]
+    p = planner(world=2, topo={"hbm_cap": 1 << 30, "ddr_cap": 1 << 30})
+    with pytest.raises(InfeasiblePlanError) as err:
+        p.plan(ebc(big), SHARDERS)
+    msg = str(err.value)
+    assert "huge" in msg and "needs hbm=" in msg and "rank 1: hbm=" in msg
+
+
+def test_empty_module_plans_to_an_empty_plan():
+    assert planner().plan(nn.Linear(2, 2), SHARDERS).plan == {}
+
+
+def test_nested_models_with_bags_and_sequences():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user = ebc(report_tables(5, seed=1))
+            self.item = EmbeddingBagCollection(
+                tables=[EmbeddingBagConfig(name="item_0", feature_names=["i"], embedding_dim=16, num_embeddings=100)],
+                device=torch.device("meta"),
+            )
+            self.seq = EmbeddingCollection(
+                tables=[EmbeddingConfig(name="seq_0", feature_names=["s"], embedding_dim=16, num_embeddings=100)],
+                device=torch.device("meta"),
+            )
+
+    plan = planner().plan(Model(), SHARDERS + [EmbeddingCollectionSharder()])
+    assert set(plan.plan) == {"user", "item", "seq"}
+    assert "seq_0" in plan.plan["seq"] and "item_0" in plan.plan["item"]
+
+
+def test_heterogeneous_memory_keeps_big_tables_off_the_small_rank():
+    from torchrec.distributed.planner.types import DeviceHardware, Storage
+
+    topology = Topology(world_size=2, compute_device="cuda", hbm_cap=8 << 30)
+    topology._devices[1] = DeviceHardware(rank=1, storage=Storage(hbm=1 << 20, ddr=topology.devices[1].storage.ddr), perf=topology.devices[1].perf)
+    tables = [EmbeddingBagConfig(name=f"big_{i}", feature_names=[f"f{i}"], embedding_dim=64, num_embeddings=200_000) for i in range(4)]
+    constraints = {f"big_{i}": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]) for i in range(4)}
+    p = FastShardingPlanner(topology=topology, constraints=constraints, cache=None, debug=False)
+    plan = p.plan(ebc(tables), SHARDERS).plan[""]
+    assert all(ps.ranks == [0] for ps in plan.values())
+
+
+def test_cpu_topology_plans_for_cpu_kernels():
+    plan = planner(world=2, device="cpu").plan(ebc(report_tables(8)), SHARDERS).plan[""]
+    assert {ps.compute_kernel for ps in plan.values()} <= {"fused", "dense"}
+    assert all(ps.sharding_spec is None or str(ps.sharding_spec.shards[0].placement.device()) == "cpu" for ps in plan.values())
+
+
+def test_debug_report_lists_every_rank_and_the_gap(caplog):
+    p = planner(world=4, debug=True)
+    with caplog.at_level("INFO", logger="fastplan"):
+        p.plan(ebc(report_tables(40)), SHARDERS)
+    report = p.last_report
+    assert len(report.ranks) == 4 and report.lower_bound <= report.makespan
+    assert "gap" in caplog.text and "rank" in caplog.text
+
+
+def test_custom_enumerator_is_used():
+    topology = Topology(world_size=4, compute_device="cuda")
+    calls = []
+
+    class Counting(EmbeddingEnumerator):
+        def enumerate(self, module, sharders):
+            calls.append(1)
+            return super().enumerate(module, sharders)
+
+    p = FastShardingPlanner(topology=topology, enumerator=Counting(topology, batch_size=512), cache=None, debug=False)
+    plan = p.plan(ebc(report_tables(6)), SHARDERS)
+    assert calls and len(plan.plan[""]) == 6
