@@ -43,17 +43,22 @@ def canonical(value: Any) -> Any:
     return {"__type__": f"{type(value).__module__}.{type(value).__qualname__}", "state": canonical(state)}
 
 
-def _feature_names(table: TableInfo) -> List[str]:
-    for getter in ("embedding_bag_configs", "embedding_configs"):
-        configs = getattr(table.module, getter, None)
-        if callable(configs):
-            for c in configs():
-                if c.name == table.name:
-                    return list(c.feature_names)
-    return []
+def _feature_names(tables: List[TableInfo]) -> Dict[int, Dict[str, List[str]]]:
+    """Feature names of every table, by module (one pass over each module's configs)."""
+    out: Dict[int, Dict[str, List[str]]] = {}
+    for t in tables:
+        if id(t.module) in out:
+            continue
+        names: Dict[str, List[str]] = {}
+        for getter in ("embedding_bag_configs", "embedding_configs"):
+            configs = getattr(t.module, getter, None)
+            if callable(configs):
+                names.update((c.name, list(c.feature_names)) for c in configs())
+        out[id(t.module)] = names
+    return out
 
 
-def _table(t: TableInfo) -> Dict[str, Any]:
+def _table(t: TableInfo, features: Dict[int, Dict[str, List[str]]]) -> Dict[str, Any]:
     return {
         "path": t.path,
         "name": t.name,
@@ -62,7 +67,7 @@ def _table(t: TableInfo) -> Dict[str, Any]:
         "dtype": str(t.tensor.dtype),
         "pooled": t.is_pooled,
         "weighted": t.is_weighted,
-        "features": _feature_names(t),
+        "features": features[id(t.module)].get(t.name, []),
         "optimizer": canonical(getattr(t.tensor, "_optimizer_classes", None)),
         "sharding": t.kernels,
     }
@@ -97,9 +102,10 @@ def plan_fingerprint(
     enumerator: Any,
     search_config: Any,
 ) -> str:
+    features = _feature_names(tables)
     doc = {
         "version": [COST_MODEL_VERSION, torchrec.__version__],
-        "tables": [_table(t) for t in tables],
+        "tables": [_table(t, features) for t in tables],
         "constraints": canonical(constraints or {}),
         "topology": _topology(topology),
         "reserved": {"hbm": canonical(hbm_cap), "ddr": canonical(ddr_cap)},

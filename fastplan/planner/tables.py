@@ -174,6 +174,7 @@ def collect_tables(
         )
         fp = getattr(getattr(child, "_feature_processor", None), "feature_processor_modules", None)
         pooled = _is_pooled(child)
+        offered = {t: sharder.compute_kernels(t, compute_device) for t in allowed_types}
         for name, param in sharder.shardable_parameters(child).items():
             c = constraints.get(name)
             if c is not None and c.device_group and c.device_group != compute_device:
@@ -181,9 +182,7 @@ def collect_tables(
             types = allowed_types
             if c is not None and c.sharding_types:
                 types = [t for t in allowed_types if t in set(c.sharding_types)]
-            kernels = {
-                t: _filter_kernels(name, sharder.compute_kernels(t, compute_device), c) for t in types
-            }
+            kernels = {t: _filter_kernels(name, offered[t], c) for t in types}
             kernels = {t: ks for t, ks in kernels.items() if ks}
             if not kernels:
                 raise ConstraintError(
