@@ -82,9 +82,10 @@ def format_row(r) -> str:
         return format(v, fmt) if v is not None else "-"
 
     speedup = r["torchrec_s"] / r["fast_cold_s"] if r["torchrec_s"] else None
-    quality = (
-        "better" if r["fast_perf"] < r["torchrec_perf"] else "equal" if r["fast_perf"] == r["torchrec_perf"] else "WORSE"
-    ) if r["torchrec_perf"] is not None else "-"
+    quality = "-"
+    if r["torchrec_perf"] is not None:  # within 1e-12 relative counts as equal (float summation order)
+        diff = (r["fast_perf"] - r["torchrec_perf"]) / r["torchrec_perf"]
+        quality = "better" if diff < -1e-12 else "equal" if diff <= 1e-12 else "WORSE"
     return (
         f"{r['tables']:>6} {r['world']:>5} {f(r['fast_cold_s'], '10.3f')} {r['fast_warm_s'] * 1000:>9.1f} "
         f"{f(r['torchrec_s'], '10.1f')} {f(speedup, '9.0f')} {f(r['fast_perf'], '14.9f')} {f(r['torchrec_perf'], '14.9f')} "

@@ -33,8 +33,8 @@ class PlanAgreementTimeout(TimeoutError):
 def table_digests(plan: ShardingPlan) -> Dict[str, str]:
     """sha256 of each table's sharding ("module.table" -> digest), independent of object identity."""
     out = {}
-    for path, module_plan in sorted(plan.plan.items()):
-        for name, ps in sorted(module_plan.items()):
+    for path, module_plan in plan.plan.items():  # plan order: the module's table order
+        for name, ps in module_plan.items():
             spec = None
             if ps.sharding_spec is not None:
                 spec = [(m.shard_offsets, m.shard_sizes, str(m.placement)) for m in ps.sharding_spec.shards]
@@ -82,7 +82,7 @@ def agree_on_plan(planner, module, sharders, pg: dist.ProcessGroup, timeout_s: f
             groups.setdefault(h, []).append(r)
         other = next(r for r, h in enumerate(hashes) if h != mine)
         theirs = pickle.loads(store.get(f"{prefix}/tables/{other}"))
-        differing = sorted(k for k in set(digests) | set(theirs) if digests.get(k) != theirs.get(k))
+        differing = [k for k in list(digests) + [k for k in theirs if k not in digests] if digests.get(k) != theirs.get(k)]
         raise PlanMismatchError(
             f"rank {rank}: ranks disagree on the sharding plan: "
             + "; ".join(f"ranks {rs} have plan {h[:12]}" for h, rs in groups.items())
