@@ -133,3 +133,11 @@ def test_cli_bad_input_is_one_line_naming_the_field(tmp_path):
     assert run_cli("explain", str(bad), cache_dir=tmp_path).returncode == 2
     for cmd in ("plan", "cache", "explain", "bench"):
         assert "example:" in run_cli(cmd, "--help", cache_dir=tmp_path).stdout
+
+
+def test_cli_bench_compares_with_torchrec_and_plots(tmp_path):
+    out = run_cli("bench", "--sizes", "10", "--world-sizes", "2", "--torchrec-max", "10", "--plot", str(tmp_path / "b.png"), cache_dir=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = [line for line in out.stdout.splitlines() if line.split()[:2] == ["10", "2"]][0]
+    assert row.split()[-1] in ("better", "equal")
+    assert (tmp_path / "b.png").stat().st_size > 1000
