@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import hashlib
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torchrec
@@ -58,19 +58,14 @@ def _feature_names(tables: List[TableInfo]) -> Dict[int, Dict[str, List[str]]]:
     return out
 
 
-def _table(t: TableInfo, features: Dict[int, Dict[str, List[str]]]) -> Dict[str, Any]:
-    return {
-        "path": t.path,
-        "name": t.name,
-        "rows": t.rows,
-        "dim": t.dim,
-        "dtype": str(t.tensor.dtype),
-        "pooled": t.is_pooled,
-        "weighted": t.is_weighted,
-        "features": features[id(t.module)].get(t.name, []),
-        "optimizer": canonical(getattr(t.tensor, "_optimizer_classes", None)),
-        "sharding": t.kernels,
-    }
+def _table(t: TableInfo, features: Dict[int, Dict[str, List[str]]]) -> List[Any]:
+    optimizer = getattr(t.tensor, "_optimizer_classes", None)
+    return [
+        t.path, t.name, t.rows, t.dim, str(t.tensor.dtype), t.is_pooled, t.is_weighted,
+        features[id(t.module)].get(t.name, []),
+        None if optimizer is None else canonical(optimizer),
+        t.kernels,  # sharding types and kernels left after constraints
+    ]
 
 
 def _topology(topo: Topology) -> Dict[str, Any]:
@@ -93,12 +88,10 @@ def _topology(topo: Topology) -> Dict[str, Any]:
 def plan_fingerprint(
     tables: List[TableInfo],
     topology: Topology,
-    hbm_cap: np.ndarray,
-    ddr_cap: np.ndarray,
+    reservation: Dict[str, Any],
     batch_size: int,
     sharders: List[Any],
     constraints: Optional[Dict[str, ParameterConstraints]],
-    storage_reservation: Any,
     enumerator: Any,
     search_config: Any,
 ) -> str:
@@ -108,7 +101,7 @@ def plan_fingerprint(
         "tables": [_table(t, features) for t in tables],
         "constraints": canonical(constraints or {}),
         "topology": _topology(topology),
-        "reserved": {"hbm": canonical(hbm_cap), "ddr": canonical(ddr_cap)},
+        "reservation": reservation,
         "batch_size": batch_size,
         "sharders": sorted(
             (
@@ -121,7 +114,6 @@ def plan_fingerprint(
             ),
             key=json.dumps,
         ),
-        "storage_reservation": canonical(storage_reservation_fields(storage_reservation)),
         "enumerator": None if enumerator is None else f"{type(enumerator).__module__}.{type(enumerator).__qualname__}",
         "search": canonical(search_config),
     }
@@ -129,7 +121,25 @@ def plan_fingerprint(
     return hashlib.sha256(blob).hexdigest()
 
 
-def storage_reservation_fields(reservation: Any) -> Dict[str, Any]:
-    """The reservation's settings, without what it caches from its last call."""
-    fields = {k: v for k, v in vars(reservation).items() if k in ("_percentage", "_hbm_reserved_bytes", "_parameter_multiplier", "_dense_tensor_estimate")}
-    return {"type": f"{type(reservation).__module__}.{type(reservation).__qualname__}", **fields}
+# TorchRec reservations whose result depends only on their settings, the topology, the batch size,
+# the tables, the constraints and the module's parameter and buffer bytes.
+_KNOWN_RESERVATIONS = (
+    "HeuristicalStorageReservation",
+    "FixedPercentageStorageReservation",
+    "FixedAbsoluteStorageReservation",
+)
+_SETTINGS = ("_percentage", "_hbm_reserved_bytes", "_parameter_multiplier", "_dense_tensor_estimate")
+
+
+def reservation_inputs(reservation: Any, module: Any, reserve: Callable[..., Any], sharders: List[Any]) -> Dict[str, Any]:
+    """What decides the storage reservation. For TorchRec's own reservations that is their settings
+    plus the module's parameter/buffer bytes (cheap: no reservation runs on a warm start); for any
+    other reservation, its result (it runs)."""
+    kind = f"{type(reservation).__module__}.{type(reservation).__qualname__}"
+    if type(reservation).__name__ in _KNOWN_RESERVATIONS and type(reservation).__module__.startswith("torchrec."):
+        settings = {k: canonical(v) for k, v in vars(reservation).items() if k in _SETTINGS}
+        params = sum(p.numel() * p.element_size() for p in module.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+        return {"type": kind, "settings": settings, "param_bytes": params, "buffer_bytes": buffers}
+    hbm, ddr = reserve(module, sharders)
+    return {"type": kind, "hbm": canonical(hbm), "ddr": canonical(ddr)}

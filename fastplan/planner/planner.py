@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch.distributed as dist
@@ -147,20 +147,13 @@ class FastShardingPlanner(ShardingPlanner):
         if not tables:
             self.last_report = None
             return ShardingPlan({})
-        reserved = self._storage_reservation.reserve(
-            topology=self._topology, batch_size=self._batch_size, module=module,
-            sharders=sharders, constraints=self._constraints,
-        )
-        hbm_cap = np.array([d.storage.hbm for d in reserved.devices], dtype=np.int64)
-        ddr_cap = np.array([d.storage.ddr for d in reserved.devices], dtype=np.int64)
-
         key = None
         if self.cache is not None and self.cache.enabled and not self._callbacks and not self._stats:
-            from fastplan.cache.fingerprint import plan_fingerprint
+            from fastplan.cache.fingerprint import plan_fingerprint, reservation_inputs
 
             key = plan_fingerprint(
-                tables, self._topology, hbm_cap, ddr_cap, self._batch_size, sharders, self._constraints,
-                self._storage_reservation, self._enumerator, self._search_config,
+                tables, self._topology, reservation_inputs(self._storage_reservation, module, self._reserve, sharders),
+                self._batch_size, sharders, self._constraints, self._enumerator, self._search_config,
             )
             self.last_key = key
             hit = self.cache.get(key)
@@ -168,15 +161,26 @@ class FastShardingPlanner(ShardingPlanner):
                 with self.cache.lock(key):  # concurrent planners of one key: one computes, others read
                     hit = self.cache.get(key)
                     if hit is None:
-                        return self._plan_tables(module, sharders, tables, hbm_cap, ddr_cap, start, key)
+                        return self._plan_tables(module, sharders, tables, start, key)
             plan, report = hit
             report.planning_seconds = time.perf_counter() - start
             report.source = "cache"
             self._finish(report)
             return plan
-        return self._plan_tables(module, sharders, tables, hbm_cap, ddr_cap, start, key)
+        return self._plan_tables(module, sharders, tables, start, key)
 
-    def _plan_tables(self, module, sharders, tables, hbm_cap, ddr_cap, start: float, key: Optional[str]) -> ShardingPlan:
+    def _reserve(self, module: nn.Module, sharders) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-rank (hbm, ddr) bytes left for embeddings after the storage reservation."""
+        reserved = self._storage_reservation.reserve(
+            topology=self._topology, batch_size=self._batch_size, module=module,
+            sharders=sharders, constraints=self._constraints,
+        )
+        hbm = np.array([d.storage.hbm for d in reserved.devices], dtype=np.int64)
+        ddr = np.array([d.storage.ddr for d in reserved.devices], dtype=np.int64)
+        return hbm, ddr
+
+    def _plan_tables(self, module, sharders, tables, start: float, key: Optional[str]) -> ShardingPlan:
+        hbm_cap, ddr_cap = self._reserve(module, sharders)
         space = self._search_space(module, sharders, tables)
         result = search(space, hbm_cap, ddr_cap, self._search_config, self._timeout_seconds)
         if self._callbacks or self._stats:

@@ -112,7 +112,7 @@ def _is_pooled(module: nn.Module) -> bool:
     return not isinstance(module, EmbeddingCollectionInterface)
 
 
-def _filter_kernels(name: str, allowed: List[str], constraint: Optional[ParameterConstraints]) -> List[str]:
+def _filter_kernels(allowed: List[str], constraint: Optional[ParameterConstraints]) -> List[str]:
     if constraint and constraint.compute_kernels:
         wanted = list(constraint.compute_kernels)
     else:
@@ -175,15 +175,17 @@ def collect_tables(
         fp = getattr(getattr(child, "_feature_processor", None), "feature_processor_modules", None)
         pooled = _is_pooled(child)
         offered = {t: sharder.compute_kernels(t, compute_device) for t in allowed_types}
+        unconstrained = {t: ks for t in allowed_types if (ks := _filter_kernels(offered[t], None))}
+        default_io = _batch_inputs_outputs(None, batch_size, pooled)
         for name, param in sharder.shardable_parameters(child).items():
             c = constraints.get(name)
             if c is not None and c.device_group and c.device_group != compute_device:
                 continue
-            types = allowed_types
-            if c is not None and c.sharding_types:
-                types = [t for t in allowed_types if t in set(c.sharding_types)]
-            kernels = {t: _filter_kernels(name, offered[t], c) for t in types}
-            kernels = {t: ks for t, ks in kernels.items() if ks}
+            if c is None:
+                kernels = unconstrained
+            else:
+                types = [t for t in allowed_types if t in set(c.sharding_types)] if c.sharding_types else allowed_types
+                kernels = {t: ks for t in types if (ks := _filter_kernels(offered[t], c))}
             if not kernels:
                 raise ConstraintError(
                     f"table '{name}' ({path}): no sharding type / compute kernel left after constraints "
@@ -192,7 +194,7 @@ def collect_tables(
                 )
             is_weighted = weighted_module if weighted_module is not None else bool(c and c.is_weighted)
             has_fp = isinstance(fp, nn.ModuleDict) and name in fp.keys()
-            input_lengths, b_in, b_out = _batch_inputs_outputs(c, batch_size, pooled)
+            input_lengths, b_in, b_out = default_io if c is None else _batch_inputs_outputs(c, batch_size, pooled)
             tables.append(
                 TableInfo(
                     name=name,
