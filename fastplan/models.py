@@ -89,3 +89,43 @@ def tables_from_spec(path: str) -> List[EmbeddingBagConfig]:
             )
         )
     return out
+
+
+class SmallDLRM(torch.nn.Module):
+    """A small DLRM for inference examples: sparse EBC + dense MLP over [dense input, pooled embeddings]."""
+
+    def __init__(self, tables: List[EmbeddingBagConfig], dense_in: int = 8, hidden: int = 32, device: str = "cpu") -> None:
+        super().__init__()
+        self.sparse = EmbeddingBagCollection(tables=tables, device=torch.device(device))
+        width = dense_in + sum(t.embedding_dim for t in tables)
+        self.over = torch.nn.Sequential(
+            torch.nn.Linear(width, hidden, device=device), torch.nn.ReLU(), torch.nn.Linear(hidden, 1, device=device)
+        )
+
+    def dense(self, dense_input: torch.Tensor, pooled) -> torch.Tensor:
+        """The part after the embeddings (what `BLSInferencePipeline` calls)."""
+        return self.over(torch.cat([dense_input, pooled.values()], dim=1))
+
+    def forward(self, dense_input: torch.Tensor, features) -> torch.Tensor:
+        out = self.sparse(features)
+        return self.dense(dense_input, out.wait() if hasattr(out, "wait") else out)
+
+
+def random_batches(tables: List[EmbeddingBagConfig], num_batches: int, batch_size: int, seed: int,
+                   dense_in: int = 8, max_ids: int = 4, hot_feature_scale: Dict[int, int] = None):
+    """Deterministic (dense, KJT) batches; `hot_feature_scale[b]` multiplies ids per sample in batch b."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(seed)
+    keys = [f for t in tables for f in t.feature_names]
+    limits = torch.tensor([t.num_embeddings for t in tables for _ in t.feature_names])
+    out = []
+    for b in range(num_batches):
+        scale = (hot_feature_scale or {}).get(b, 1)
+        lengths = torch.randint(0, max_ids * scale + 1, (len(keys), batch_size), generator=g)
+        values = torch.cat([
+            torch.randint(0, int(limits[f]), (int(lengths[f].sum()),), generator=g) for f in range(len(keys))
+        ])
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths.flatten())
+        out.append((torch.randn(batch_size, dense_in, generator=g), kjt))
+    return out

@@ -1,0 +1,292 @@
+"""Bounded Lag Synchronous all-to-all(v) over gloo point-to-point, and a `"bls"` torch.distributed backend.
+
+Semantics (see shared/reference/bls.md): every call site is a channel, call i of a channel is
+iteration i. `post(i)` sends this rank's blocks tagged (channel, i) and returns a handle once every
+peer's block of iteration i - L has arrived; the handle's `wait()` returns exactly what
+`all_to_all_single` returns. A receiver only accepts iteration i of a peer after it posted i itself,
+so at most L + 1 iterations are in flight per peer. Lag 0 is the inner group's `all_to_all_single`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+_HEADER = 2  # int64: iteration, numel
+
+
+class BLSError(RuntimeError):
+    """A peer failed or did not deliver in time; the message names the rank and the iteration."""
+
+
+class BLSTimeoutError(BLSError, TimeoutError):
+    pass
+
+
+@dataclass
+class LagStats:
+    """Instrumentation: the largest lag and in-flight count seen, to check the bound holds."""
+
+    max_lag: int = 0  # max over posts of (iteration - oldest iteration fully received from a peer)
+    max_in_flight: int = 0  # max iterations posted locally and not yet received, per peer
+    posts: int = 0
+
+
+class _Channel:
+    """One call site: per-peer receive threads and per-iteration arrival bookkeeping."""
+
+    def __init__(self, group: "BLSProcessGroup", tag: int, name: str) -> None:
+        self.group = group
+        self.tag = tag
+        self.name = name
+        self.cond = threading.Condition()
+        self.posted = -1  # last iteration posted locally
+        self.arrived: Dict[int, int] = {p: -1 for p in group.peers}  # peer -> last iteration received
+        self.errors: Dict[int, BaseException] = {}
+        self.pending: Dict[int, List] = {p: [] for p in group.peers}  # peer -> [(iteration, out view)]
+        self.sends: Dict[int, List] = {}  # iteration -> [works + tensors kept alive]
+        self.stats = LagStats()
+        for p in group.peers:
+            threading.Thread(target=self._receive_loop, args=(p,), daemon=True, name=f"bls-recv-{name}-{p}").start()
+
+    def _receive_loop(self, peer: int) -> None:
+        p2p = self.group._p2p
+        header = torch.empty(_HEADER, dtype=torch.int64)
+        try:
+            while True:
+                with self.cond:
+                    while not self.pending[peer] and not self.group._closed:
+                        self.cond.wait()
+                    if self.group._closed:
+                        return
+                    iteration, out = self.pending[peer].pop(0)
+                p2p.recv([header], peer, self.tag).wait()
+                got_iter, numel = int(header[0]), int(header[1])
+                if got_iter != iteration or numel != out.numel():
+                    raise BLSError(
+                        f"channel {self.name}: rank {peer} sent iteration {got_iter} with {numel} elements, "
+                        f"expected iteration {iteration} with {out.numel()}"
+                    )
+                if numel:
+                    buf = out if out.is_contiguous() else torch.empty_like(out)
+                    p2p.recv([buf.view(-1)], peer, self.tag).wait()
+                    if buf is not out:
+                        out.copy_(buf)
+                with self.cond:
+                    self.arrived[peer] = iteration
+                    self.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - surfaced to waiters with the peer's rank
+            with self.cond:
+                self.errors[peer] = e
+                self.cond.notify_all()
+
+    def wait_for(self, iteration: int, deadline: float, what: str) -> None:
+        """Block until every peer's block of `iteration` arrived, or raise naming the missing ranks."""
+        with self.cond:
+            while True:
+                failed = {p: e for p, e in self.errors.items() if self.arrived[p] < iteration}
+                if failed:
+                    p, e = sorted(failed.items())[0]
+                    raise BLSError(
+                        f"rank {self.group.rank}: peer rank {p} failed before delivering iteration {iteration} "
+                        f"of channel {self.name} ({type(e).__name__}: {e})"
+                    )
+                missing = [p for p in self.group.peers if self.arrived[p] < iteration]
+                if not missing:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BLSTimeoutError(
+                        f"rank {self.group.rank}: {what}: ranks {missing} did not deliver iteration {iteration} "
+                        f"of channel {self.name} within {self.group.timeout_s:.1f} s"
+                    )
+                self.cond.wait(min(left, 1.0))
+
+    def missing(self, iteration: int) -> List[int]:
+        with self.cond:
+            return [p for p in self.group.peers if self.arrived[p] < iteration]
+
+
+class BLSWork(dist.Work):
+    """Handle of one posted iteration; `wait()` returns once every peer's block arrived."""
+
+    def __init__(self, channel: _Channel, iteration: int, output: torch.Tensor) -> None:
+        super().__init__()
+        self.channel = channel
+        self.iteration = iteration
+        self.output = output
+
+    def wait(self, timeout: timedelta = None) -> bool:  # type: ignore[override]
+        limit = timeout.total_seconds() if timeout else self.channel.group.timeout_s
+        self.channel.wait_for(self.iteration, time.monotonic() + limit, "wait")
+        return True
+
+    def is_completed(self) -> bool:
+        return not self.missing()
+
+    def missing(self) -> List[int]:
+        """Peers whose block of this iteration has not arrived yet."""
+        return self.channel.missing(self.iteration)
+
+    def result(self) -> List[torch.Tensor]:
+        self.wait()
+        return [self.output]
+
+
+class BLSProcessGroup(dist.ProcessGroup):
+    """A process group whose `all_to_all_single` is bounded-lag; every other collective goes to an
+    inner gloo backend. Register with `register_bls_backend(lag)` and use `new_group(backend="bls")`."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta, lag: int) -> None:
+        super().__init__(rank, size)
+        if lag < 0:
+            raise ValueError(f"lag must be >= 0, got {lag}")
+        self.lag = lag
+        self.timeout_s = timeout.total_seconds()
+        self.peers = [p for p in range(size) if p != rank]
+        self._inner = dist.ProcessGroupGloo(dist.PrefixStore("bls-inner/", store), rank, size, timeout)
+        # p2p on a gloo context of its own: its tags never meet the inner group's collective tags.
+        self._p2p = dist.ProcessGroupGloo(dist.PrefixStore("bls-p2p/", store), rank, size, timeout)
+        self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._inner)
+        self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+        self._channels: Dict[str, _Channel] = {}
+        self._closed = False
+        self._lock = threading.Lock()
+        self._batch = threading.local()
+        self._occurrences: Dict[int, Dict[str, int]] = {}
+
+    @contextmanager
+    def batch(self, batch_id: int) -> Iterator[None]:
+        """Calls made inside belong to batch `batch_id`: the k-th call from a call site within a batch
+        is channel (site, k), so a site called twice per batch (lengths, values) gets two channels
+        whose iterations are batches, and the lag counts batches."""
+        previous = getattr(self._batch, "id", None)
+        self._batch.id = batch_id
+        try:
+            yield
+        finally:
+            self._batch.id = previous
+
+    def end_batch(self, batch_id: int) -> None:
+        """Forget the per-site call counts of a finished batch."""
+        self._occurrences.pop(batch_id, None)
+
+    def _channel_name(self) -> str:
+        site = _call_site()
+        batch_id = getattr(self._batch, "id", None)
+        if batch_id is None:
+            return site
+        seen = self._occurrences.setdefault(batch_id, {})
+        k = seen.get(site, 0)
+        seen[site] = k + 1
+        return f"{site}#{k}"
+
+    @property
+    def channels(self) -> Dict[str, _Channel]:
+        return self._channels
+
+    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+        return "bls"
+
+    def _channel(self, name: str) -> _Channel:
+        with self._lock:
+            ch = self._channels.get(name)
+            if ch is None:
+                ch = _Channel(self, tag=1000 + len(self._channels), name=name)
+                self._channels[name] = ch
+            return ch
+
+    def post(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: Optional[Sequence[int]] = None,
+        input_split_sizes: Optional[Sequence[int]] = None,
+        channel: Optional[str] = None,
+    ) -> BLSWork:
+        """Send this rank's blocks of the channel's next iteration and return its handle."""
+        ch = self._channel(channel or self._channel_name())
+        size = self.size()
+        out_splits = list(output_split_sizes) if output_split_sizes else [output.size(0) // size] * size
+        in_splits = list(input_split_sizes) if input_split_sizes else [input.size(0) // size] * size
+        out_offsets = [sum(out_splits[:r]) for r in range(size)]
+        in_offsets = [sum(in_splits[:r]) for r in range(size)]
+        me = self.rank()
+        with ch.cond:
+            iteration = ch.posted + 1
+            ch.posted = iteration
+            for p in self.peers:
+                ch.pending[p].append((iteration, output.narrow(0, out_offsets[p], out_splits[p])))
+            ch.cond.notify_all()
+        # Sends of iteration - L - 1 are matched already (every peer posted iteration - L); release them.
+        for work, _ in ch.sends.pop(iteration - self.lag - 1, []):
+            work.wait()
+        sends = []
+        for p in self.peers:
+            block = input.narrow(0, in_offsets[p], in_splits[p]).contiguous()
+            header = torch.tensor([iteration, block.numel()], dtype=torch.int64)
+            sends.append((self._p2p.send([header], p, ch.tag), header))
+            if block.numel():
+                sends.append((self._p2p.send([block.view(-1)], p, ch.tag), block))
+        ch.sends[iteration] = sends
+        output.narrow(0, out_offsets[me], out_splits[me]).copy_(input.narrow(0, in_offsets[me], in_splits[me]))
+        # Lag rule: return only once every peer's block of iteration - L arrived.
+        ch.wait_for(iteration - self.lag, time.monotonic() + self.timeout_s, "post")
+        with ch.cond:
+            oldest = min(ch.arrived.values()) if ch.arrived else iteration
+            ch.stats.posts += 1
+            ch.stats.max_lag = max(ch.stats.max_lag, iteration - oldest)
+            ch.stats.max_in_flight = max(ch.stats.max_in_flight, max((iteration - a for a in ch.arrived.values()), default=0))
+        return BLSWork(ch, iteration, output)
+
+    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        if self.lag == 0:
+            return self._inner.alltoall_base(output, input, list(output_split_sizes or []), list(input_split_sizes or []))
+        return self.post(output, input, output_split_sizes, input_split_sizes)
+
+    def lag_stats(self) -> Dict[str, LagStats]:
+        return {name: ch.stats for name, ch in self._channels.items()}
+
+    def shutdown(self) -> None:
+        self._closed = True
+        for ch in self._channels.values():
+            with ch.cond:
+                ch.cond.notify_all()
+
+
+def _call_site() -> str:
+    """The first frame outside torch.distributed and this module: one channel per call site."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        if name != __file__ and "/torch/distributed/" not in name.replace("\\", "/"):
+            return f"{name}:{f.f_lineno}"
+        f = f.f_back
+    return "unknown"
+
+
+def register_bls_backend(lag: int, timeout_s: Optional[float] = None) -> None:
+    """Register (or re-register with a new lag) the `"bls"` backend for `dist.new_group(backend="bls")`."""
+
+    def create(store, rank, size, timeout):
+        t = timedelta(seconds=timeout_s) if timeout_s is not None else timeout
+        return BLSProcessGroup(store, rank, size, t, lag)
+
+    dist.Backend._plugins.pop("BLS", None)
+    if "bls" in dist.Backend.backend_list:
+        dist.Backend.backend_list.remove("bls")
+    dist.Backend.register_backend("bls", create, devices=["cpu"])
+
+
+def new_bls_group(lag: int, timeout_s: Optional[float] = None, ranks: Optional[List[int]] = None) -> BLSProcessGroup:
+    """A BLS process group over `ranks` (default: all); a collective call on every rank of the world."""
+    register_bls_backend(lag, timeout_s)
+    return dist.new_group(ranks=ranks, backend="bls")
