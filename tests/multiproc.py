@@ -1,6 +1,8 @@
 """Run a function on N local processes (gloo on 127.0.0.1), bounded in time, always cleaned up."""
 
 import multiprocessing as mp
+import queue as queue_mod
+import time
 import socket
 import traceback
 from datetime import timedelta
@@ -37,15 +39,20 @@ def run_ranks(fn, world: int, args=(), timeout_s: float = 120, pg_timeout_s: flo
     for p in procs:
         p.start()
     results = {}
+    deadline = time.monotonic() + timeout_s
     try:
-        import queue as queue_mod
-
-        for _ in range(world):
+        while len(results) < world:
             try:
-                rank, status, value = queue.get(timeout=timeout_s)
+                rank, status, value = queue.get(timeout=0.5)
+                results[rank] = (status, value)
+                continue
             except queue_mod.Empty:
+                pass
+            for r, p in enumerate(procs):  # a rank that died without reporting
+                if r not in results and not p.is_alive() and queue.empty():
+                    results[r] = ("exited", p.exitcode)
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"ranks {sorted(set(range(world)) - set(results))} did not finish in {timeout_s} s")
-            results[rank] = (status, value)
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -96,7 +96,7 @@ class _Channel:
                 if failed:
                     p, e = sorted(failed.items())[0]
                     raise BLSError(
-                        f"rank {self.group.rank}: peer rank {p} failed before delivering iteration {iteration} "
+                        f"rank {self.group.rank()}: peer rank {p} failed before delivering iteration {iteration} "
                         f"of channel {self.name} ({type(e).__name__}: {e})"
                     )
                 missing = [p for p in self.group.peers if self.arrived[p] < iteration]
@@ -105,7 +105,7 @@ class _Channel:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BLSTimeoutError(
-                        f"rank {self.group.rank}: {what}: ranks {missing} did not deliver iteration {iteration} "
+                        f"rank {self.group.rank()}: {what}: {_ranks(missing)} did not deliver iteration {iteration} "
                         f"of channel {self.name} within {self.group.timeout_s:.1f} s"
                     )
                 self.cond.wait(min(left, 1.0))
@@ -260,6 +260,10 @@ class BLSProcessGroup(dist.ProcessGroup):
         for ch in self._channels.values():
             with ch.cond:
                 ch.cond.notify_all()
+
+
+def _ranks(ranks: List[int]) -> str:
+    return f"peer rank {ranks[0]}" if len(ranks) == 1 else f"peer ranks {', '.join(map(str, ranks))}"
 
 
 def _call_site() -> str:
