@@ -3,8 +3,11 @@
 Semantics (see shared/reference/bls.md): every call site is a channel, call i of a channel is
 iteration i. `post(i)` sends this rank's blocks tagged (channel, i) and returns a handle once every
 peer's block of iteration i - L has arrived; the handle's `wait()` returns exactly what
-`all_to_all_single` returns. A receiver only accepts iteration i of a peer after it posted i itself,
-so at most L + 1 iterations are in flight per peer. Lag 0 is the inner group's `all_to_all_single`.
+`all_to_all_single` returns. A rank receives iteration i of a peer only after posting i itself,
+and a peer can be at most L iterations ahead, so at most L + 1 iterations are buffered per peer.
+Blocks travel as (channel, iteration, size)-framed messages over `transport.SocketMesh`; a size
+that does not match the split sizes is an error naming the peer, not an abort. Lag 0 is the inner
+gloo group's `all_to_all_single`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-_HEADER = 2  # int64: iteration, numel
+from fastplan.comm.transport import PeerFailure, PeerTimeout, SocketMesh
 
 
 class BLSError(RuntimeError):
@@ -35,84 +38,63 @@ class BLSTimeoutError(BLSError, TimeoutError):
 class LagStats:
     """Instrumentation: the largest lag and in-flight count seen, to check the bound holds."""
 
-    max_lag: int = 0  # max over posts of (iteration - oldest iteration fully received from a peer)
-    max_in_flight: int = 0  # max iterations posted locally and not yet received, per peer
+    max_lag: int = 0  # max over posts of (iteration - oldest iteration received from a peer)
+    max_ahead: int = 0  # max iterations a peer had delivered beyond this rank's last post
     posts: int = 0
 
 
 class _Channel:
-    """One call site: per-peer receive threads and per-iteration arrival bookkeeping."""
+    """One call site: what each peer still owes this rank, and what has arrived."""
 
     def __init__(self, group: "BLSProcessGroup", tag: int, name: str) -> None:
         self.group = group
         self.tag = tag
         self.name = name
-        self.cond = threading.Condition()
+        self.lock = threading.RLock()
         self.posted = -1  # last iteration posted locally
         self.arrived: Dict[int, int] = {p: -1 for p in group.peers}  # peer -> last iteration received
-        self.errors: Dict[int, BaseException] = {}
         self.pending: Dict[int, List] = {p: [] for p in group.peers}  # peer -> [(iteration, out view)]
-        self.sends: Dict[int, List] = {}  # iteration -> [works + tensors kept alive]
         self.stats = LagStats()
-        for p in group.peers:
-            threading.Thread(target=self._receive_loop, args=(p,), daemon=True, name=f"bls-recv-{name}-{p}").start()
 
-    def _receive_loop(self, peer: int) -> None:
-        p2p = self.group._p2p
-        header = torch.empty(_HEADER, dtype=torch.int64)
-        try:
-            while True:
-                with self.cond:
-                    while not self.pending[peer] and not self.group._closed:
-                        self.cond.wait()
-                    if self.group._closed:
-                        return
-                    iteration, out = self.pending[peer].pop(0)
-                p2p.recv([header], peer, self.tag).wait()
-                got_iter, numel = int(header[0]), int(header[1])
-                if got_iter != iteration or numel != out.numel():
-                    raise BLSError(
-                        f"channel {self.name}: rank {peer} sent iteration {got_iter} with {numel} elements, "
-                        f"expected iteration {iteration} with {out.numel()}"
-                    )
-                if numel:
-                    buf = out if out.is_contiguous() else torch.empty_like(out)
-                    p2p.recv([buf.view(-1)], peer, self.tag).wait()
-                    if buf is not out:
-                        out.copy_(buf)
-                with self.cond:
-                    self.arrived[peer] = iteration
-                    self.cond.notify_all()
-        except BaseException as e:  # noqa: BLE001 - surfaced to waiters with the peer's rank
-            with self.cond:
-                self.errors[peer] = e
-                self.cond.notify_all()
-
-    def wait_for(self, iteration: int, deadline: float, what: str) -> None:
-        """Block until every peer's block of `iteration` arrived, or raise naming the missing ranks."""
-        with self.cond:
-            while True:
-                failed = {p: e for p, e in self.errors.items() if self.arrived[p] < iteration}
-                if failed:
-                    p, e = sorted(failed.items())[0]
-                    raise BLSError(
-                        f"rank {self.group.rank()}: peer rank {p} failed before delivering iteration {iteration} "
-                        f"of channel {self.name} ({type(e).__name__}: {e})"
-                    )
-                missing = [p for p in self.group.peers if self.arrived[p] < iteration]
-                if not missing:
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BLSTimeoutError(
-                        f"rank {self.group.rank()}: {what}: {_ranks(missing)} did not deliver iteration {iteration} "
-                        f"of channel {self.name} within {self.group.timeout_s:.1f} s"
-                    )
-                self.cond.wait(min(left, 1.0))
+    def wait_for(self, iteration: int, deadline: float) -> None:
+        """Receive, in order, until every peer's block of `iteration` arrived; raise naming the peer."""
+        mesh = self.group._mesh
+        me = self.group.rank()
+        with self.lock:
+            for peer in self.group.peers:
+                while self.arrived[peer] < iteration:
+                    it, out = self.pending[peer][0]
+                    try:
+                        data = mesh.recv(peer, self.tag, it, deadline)
+                    except PeerTimeout:
+                        raise BLSTimeoutError(
+                            f"rank {me}: peer rank {peer} did not deliver iteration {it} of channel {self.name} "
+                            f"within {self.group.timeout_s:.1f} s"
+                        ) from None
+                    except PeerFailure as e:
+                        raise BLSError(
+                            f"rank {me}: peer rank {peer} failed before delivering iteration {it} of channel "
+                            f"{self.name}: {e}"
+                        ) from None
+                    nbytes = out.numel() * out.element_size()
+                    if len(data) != nbytes:
+                        raise BLSError(
+                            f"rank {me}: peer rank {peer} sent {len(data)} bytes for iteration {it} of channel "
+                            f"{self.name}, expected {nbytes} (do the ranks agree on the split sizes?)"
+                        )
+                    if nbytes:
+                        out.copy_(torch.frombuffer(data, dtype=out.dtype).view(out.shape))
+                    self.pending[peer].pop(0)
+                    self.arrived[peer] = it
 
     def missing(self, iteration: int) -> List[int]:
-        with self.cond:
-            return [p for p in self.group.peers if self.arrived[p] < iteration]
+        """Peers whose block of `iteration` is neither consumed nor already received."""
+        with self.lock:
+            self.group._mesh.progress(0)
+            return [
+                p for p in self.group.peers
+                if self.arrived[p] < iteration and not self.group._mesh.has(p, self.tag, iteration)
+            ]
 
 
 class BLSWork(dist.Work):
@@ -126,7 +108,7 @@ class BLSWork(dist.Work):
 
     def wait(self, timeout: timedelta = None) -> bool:  # type: ignore[override]
         limit = timeout.total_seconds() if timeout else self.channel.group.timeout_s
-        self.channel.wait_for(self.iteration, time.monotonic() + limit, "wait")
+        self.channel.wait_for(self.iteration, time.monotonic() + limit)
         return True
 
     def is_completed(self) -> bool:
@@ -153,12 +135,10 @@ class BLSProcessGroup(dist.ProcessGroup):
         self.timeout_s = timeout.total_seconds()
         self.peers = [p for p in range(size) if p != rank]
         self._inner = dist.ProcessGroupGloo(dist.PrefixStore("bls-inner/", store), rank, size, timeout)
-        # p2p on a gloo context of its own: its tags never meet the inner group's collective tags.
-        self._p2p = dist.ProcessGroupGloo(dist.PrefixStore("bls-p2p/", store), rank, size, timeout)
+        self._mesh = SocketMesh(dist.PrefixStore("bls-mesh/", store), rank, size, self.timeout_s)
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._inner)
         self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
         self._channels: Dict[str, _Channel] = {}
-        self._closed = False
         self._lock = threading.Lock()
         self._batch = threading.local()
         self._occurrences: Dict[int, Dict[str, int]] = {}
@@ -220,31 +200,26 @@ class BLSProcessGroup(dist.ProcessGroup):
         out_offsets = [sum(out_splits[:r]) for r in range(size)]
         in_offsets = [sum(in_splits[:r]) for r in range(size)]
         me = self.rank()
-        with ch.cond:
+        with ch.lock:
             iteration = ch.posted + 1
+            # Lag rule, checked before sending so that "posted i" implies every peer posted >= i - L.
+            ch.wait_for(iteration - self.lag, time.monotonic() + self.timeout_s)
             ch.posted = iteration
             for p in self.peers:
                 ch.pending[p].append((iteration, output.narrow(0, out_offsets[p], out_splits[p])))
-            ch.cond.notify_all()
-        # Sends of iteration - L - 1 are matched already (every peer posted iteration - L); release them.
-        for work, _ in ch.sends.pop(iteration - self.lag - 1, []):
-            work.wait()
-        sends = []
         for p in self.peers:
             block = input.narrow(0, in_offsets[p], in_splits[p]).contiguous()
-            header = torch.tensor([iteration, block.numel()], dtype=torch.int64)
-            sends.append((self._p2p.send([header], p, ch.tag), header))
-            if block.numel():
-                sends.append((self._p2p.send([block.view(-1)], p, ch.tag), block))
-        ch.sends[iteration] = sends
+            try:
+                self._mesh.send(p, ch.tag, iteration, block.view(-1).view(torch.uint8).cpu().numpy().data)
+            except PeerFailure as e:
+                raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from None
         output.narrow(0, out_offsets[me], out_splits[me]).copy_(input.narrow(0, in_offsets[me], in_splits[me]))
-        # Lag rule: return only once every peer's block of iteration - L arrived.
-        ch.wait_for(iteration - self.lag, time.monotonic() + self.timeout_s, "post")
-        with ch.cond:
+        with ch.lock:
             oldest = min(ch.arrived.values()) if ch.arrived else iteration
             ch.stats.posts += 1
             ch.stats.max_lag = max(ch.stats.max_lag, iteration - oldest)
-            ch.stats.max_in_flight = max(ch.stats.max_in_flight, max((iteration - a for a in ch.arrived.values()), default=0))
+            ahead = [it - iteration for (_, t, it) in self._mesh.inbox if t == ch.tag]
+            ch.stats.max_ahead = max(ch.stats.max_ahead, max(ahead, default=0))
         return BLSWork(ch, iteration, output)
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
@@ -252,14 +227,24 @@ class BLSProcessGroup(dist.ProcessGroup):
             return self._inner.alltoall_base(output, input, list(output_split_sizes or []), list(input_split_sizes or []))
         return self.post(output, input, output_split_sizes, input_split_sizes)
 
+    def flush(self, timeout_s: Optional[float] = None) -> None:
+        """Push out everything this rank queued for its peers (call before tearing the group down)."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        while self._mesh.pending_sends():
+            if time.monotonic() > deadline:
+                raise BLSTimeoutError(f"rank {self.rank()}: peers {self._mesh.pending_sends()} did not take our blocks")
+            self._mesh.progress(0.1)
+
     def lag_stats(self) -> Dict[str, LagStats]:
         return {name: ch.stats for name, ch in self._channels.items()}
 
     def shutdown(self) -> None:
-        self._closed = True
-        for ch in self._channels.values():
-            with ch.cond:
-                ch.cond.notify_all()
+        """Flush, then close the connections to the peers."""
+        try:
+            self.flush()
+        finally:
+            self._mesh.close()
+            self._channels.clear()
 
 
 def _ranks(ranks: List[int]) -> str:

@@ -92,3 +92,5 @@ class BLSInferencePipeline:
                     self.group.end_batch(b)
                 yield self.dense(dense_in.pop(b), kt)
             s += 1
+        if self.group is not None:
+            self.group.flush()  # our last blocks reach slower peers before anyone tears down
