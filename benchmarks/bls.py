@@ -58,6 +58,7 @@ def _rank_main(rank: int, world: int, args) -> dict:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    torch.set_num_threads(1)  # one intra-op thread per rank: ranks share 2 cores without spin contention
 
     class DenseSharder(EmbeddingBagCollectionSharder):
         def compute_kernels(self, sharding_type, device):
