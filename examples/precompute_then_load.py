@@ -21,8 +21,9 @@ def main(ship_dir: str) -> None:
     # Offline (a build machine): plan, then export the cache entry to a directory you ship.
     with tempfile.TemporaryDirectory() as build_cache:
         offline = FastShardingPlanner(topology=topology, cache=PlanCache(build_cache), debug=False)
+        model = report_model(500)
         t = time.perf_counter()
-        offline.plan(report_model(500), sharders)
+        offline.plan(model, sharders)
         print(f"offline: planned 500 tables in {time.perf_counter() - t:.3f} s")
         print(f"exported {PlanCache(build_cache).export_to(ship_dir)} plan(s) to {ship_dir}")
 
