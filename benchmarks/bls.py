@@ -104,12 +104,14 @@ def _rank_main(rank: int, world: int, args) -> dict:
 
             dist.barrier()
             latencies, outputs = [], []
+            cpu_start = time.process_time()
             start = time.perf_counter()
             with torch.no_grad():
                 for b, out in enumerate(pipe.run(source())):
                     latencies.append((time.perf_counter() - issued[b]) * 1000)
                     outputs.append(out)
             elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu_start
             dist.barrier()
             if mode == "sync":
                 reference[scenario] = outputs
@@ -120,6 +122,7 @@ def _rank_main(rank: int, world: int, args) -> dict:
                 "p50": latencies[len(latencies) // 2],
                 "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
                 "identical": identical,
+                "cpu_ms_per_batch": cpu * 1000 / args.batches,
             }
             if hasattr(group, "shutdown"):
                 group.shutdown()
@@ -165,6 +168,7 @@ def run_world(world: int, args) -> dict:
             "p50": max(r["p50"] for r in rows),
             "p99": max(r["p99"] for r in rows),
             "identical": min(r["identical"] for r in rows),
+            "cpu": sum(r["cpu_ms_per_batch"] for r in rows) / len(rows),
         }
     return merged
 
@@ -185,7 +189,7 @@ def main(argv=None) -> None:
     ap.add_argument("--plot", default="bls.png")
     args = ap.parse_args(argv)
 
-    header = f"{'ranks':>5} {'scenario':>10} {'mode':>10} {'ms/batch':>9} {'vs sync':>8} {'p50 ms':>8} {'p99 ms':>8} {'identical':>10}"
+    header = f"{'ranks':>5} {'scenario':>10} {'mode':>10} {'ms/batch':>9} {'vs sync':>8} {'p50 ms':>8} {'p99 ms':>8} {'identical':>10} {'cpu ms/b':>9}"
     print(header, flush=True)
     table = {}
     for world in args.world_sizes:
@@ -198,7 +202,7 @@ def main(argv=None) -> None:
                 table[(world, sc, mode)] = r
                 print(
                     f"{world:>5} {sc:>10} {mode:>10} {r['ms_per_batch']:>9.2f} {sync / r['ms_per_batch']:>7.2f}x "
-                    f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['identical']:>5}/{args.batches:<4}",
+                    f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['identical']:>5}/{args.batches:<4} {r['cpu']:>9.2f}",
                     flush=True,
                 )
     if args.plot:

@@ -134,6 +134,7 @@ class BLSProcessGroup(dist.ProcessGroup):
         self.lag = lag
         self.timeout_s = timeout.total_seconds()
         self.peers = [p for p in range(size) if p != rank]
+        self._rank, self._size = rank, size
         self._inner = dist.ProcessGroupGloo(dist.PrefixStore("bls-inner/", store), rank, size, timeout)
         self._mesh = SocketMesh(dist.PrefixStore("bls-mesh/", store), rank, size, self.timeout_s)
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._inner)
@@ -194,12 +195,12 @@ class BLSProcessGroup(dist.ProcessGroup):
     ) -> BLSWork:
         """Send this rank's blocks of the channel's next iteration and return its handle."""
         ch = self._channel(channel or self._channel_name())
-        size = self.size()
+        size = self._size
         out_splits = list(output_split_sizes) if output_split_sizes else [output.size(0) // size] * size
         in_splits = list(input_split_sizes) if input_split_sizes else [input.size(0) // size] * size
         out_offsets = [sum(out_splits[:r]) for r in range(size)]
         in_offsets = [sum(in_splits[:r]) for r in range(size)]
-        me = self.rank()
+        me = self._rank
         with ch.lock:
             iteration = ch.posted + 1
             # Lag rule, checked before sending so that "posted i" implies every peer posted >= i - L.
@@ -210,7 +211,7 @@ class BLSProcessGroup(dist.ProcessGroup):
         for p in self.peers:
             block = input.narrow(0, in_offsets[p], in_splits[p]).contiguous()
             try:
-                self._mesh.send(p, ch.tag, iteration, block.view(-1).view(torch.uint8).cpu().numpy().data)
+                self._mesh.send(p, ch.tag, iteration, memoryview(block.view(-1).view(torch.uint8).cpu().numpy()))
             except PeerFailure as e:
                 raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from None
         output.narrow(0, out_offsets[me], out_splits[me]).copy_(input.narrow(0, in_offsets[me], in_splits[me]))
