@@ -1,4 +1,5 @@
-"""Choose one option and ranks per table: greedy placement, then CP-SAT refinement in batches.
+"""Choose one option and ranks per table: greedy placement, local search, then (for problems of at
+most `SearchConfig.max_cells` tables x ranks) CP-SAT refinement in batches of tables.
 
 Objective, as TorchRec's `NoopPerfModel`: the largest per-rank sum of shard `Perf.total`.
 Everything here is deterministic: stable orderings, lowest-index tie breaks, and CP-SAT on one
