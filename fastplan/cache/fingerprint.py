@@ -79,7 +79,7 @@ def _topology(topo: Topology) -> Dict[str, Any]:
         "ddr_mem_bw": topo.ddr_mem_bw,
         "hbm_to_ddr_mem_bw": topo.hbm_to_ddr_mem_bw,
         "ssd_mem_bw": topo.ssd_mem_bw,
-        "comms": str(topo.comms_bandwidths),
+        "comms": canonical(topo.comms_bandwidths),
         "bwd_compute_multiplier": topo.bwd_compute_multiplier,
         "weighted_feature_bwd_compute_multiplier": topo.weighted_feature_bwd_compute_multiplier,
     }
@@ -92,7 +92,6 @@ def plan_fingerprint(
     batch_size: int,
     sharders: List[Any],
     constraints: Optional[Dict[str, ParameterConstraints]],
-    enumerator: Any,
     search_config: Any,
 ) -> str:
     features = _feature_names(tables)
@@ -114,7 +113,6 @@ def plan_fingerprint(
             ),
             key=json.dumps,
         ),
-        "enumerator": None if enumerator is None else f"{type(enumerator).__module__}.{type(enumerator).__qualname__}",
         "search": canonical(search_config),
     }
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()

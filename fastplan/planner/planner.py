@@ -148,12 +148,14 @@ class FastShardingPlanner(ShardingPlanner):
             self.last_report = None
             return ShardingPlan({})
         key = None
-        if self.cache is not None and self.cache.enabled and not self._callbacks and not self._stats:
+        # Callbacks, Stats objects and custom enumerators are opaque inputs: plan without the cache.
+        cacheable = not (self._callbacks or self._stats or self._enumerator is not None)
+        if self.cache is not None and self.cache.enabled and cacheable:
             from fastplan.cache.fingerprint import plan_fingerprint, reservation_inputs
 
             key = plan_fingerprint(
                 tables, self._topology, reservation_inputs(self._storage_reservation, module, self._reserve, sharders),
-                self._batch_size, sharders, self._constraints, self._enumerator, self._search_config,
+                self._batch_size, sharders, self._constraints, self._search_config,
             )
             self.last_key = key
             hit = self.cache.get(key)
