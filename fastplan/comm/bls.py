@@ -1,4 +1,4 @@
-"""Bounded Lag Synchronous all-to-all(v) over gloo point-to-point, and a `"bls"` torch.distributed backend.
+"""Bounded Lag Synchronous all-to-all(v) between processes, and a `"bls"` torch.distributed backend.
 
 Semantics (see shared/reference/bls.md): every call site is a channel, call i of a channel is
 iteration i. `post(i)` sends this rank's blocks tagged (channel, i) and returns a handle once every
@@ -36,7 +36,7 @@ class BLSTimeoutError(BLSError, TimeoutError):
 
 @dataclass
 class LagStats:
-    """Instrumentation: the largest lag and in-flight count seen, to check the bound holds."""
+    """Instrumentation, to check the bound holds: the largest lag seen, and how far ahead peers delivered."""
 
     max_lag: int = 0  # max over posts of (iteration - oldest iteration received from a peer)
     max_ahead: int = 0  # max iterations a peer had delivered beyond this rank's last post
@@ -169,10 +169,6 @@ class BLSProcessGroup(dist.ProcessGroup):
         k = seen.get(site, 0)
         seen[site] = k + 1
         return f"{site}#{k}"
-
-    @property
-    def channels(self) -> Dict[str, _Channel]:
-        return self._channels
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return "bls"
