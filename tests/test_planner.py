@@ -174,3 +174,19 @@ def test_custom_enumerator_is_used():
     p = FastShardingPlanner(topology=topology, enumerator=Counting(topology, batch_size=512), cache=None, debug=False)
     plan = p.plan(ebc(report_tables(6)), SHARDERS)
     assert calls and len(plan.plan[""]) == 6
+
+
+def test_callbacks_and_torchrec_stats_receive_the_chosen_sharding_options():
+    from torchrec.distributed.planner.stats import EmbeddingStats
+
+    seen = []
+
+    def callback(options):
+        seen.extend((o.name, o.sharding_type, [s.rank for s in o.shards]) for o in options)
+        return options
+
+    p = planner(callbacks=[callback], stats=EmbeddingStats())
+    plan = p.plan(ebc(report_tables(12)), SHARDERS)
+    assert sorted(name for name, _, _ in seen) == sorted(f"table_{i}" for i in range(12))
+    for name, sharding_type, ranks in seen:
+        assert plan.plan[""][name].sharding_type == sharding_type and plan.plan[""][name].ranks == ranks

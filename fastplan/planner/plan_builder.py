@@ -15,6 +15,15 @@ from fastplan.planner.search import Assignment
 from fastplan.planner.search_space import SearchSpace
 
 
+_SETTINGS = ("cache_params", "enforce_hbm", "stochastic_rounding", "bounds_check_mode", "output_dtype", "key_value_params")
+
+
+def _constraint_settings(table) -> dict:
+    """The constraint fields TorchRec copies onto a table's sharding (None when unconstrained)."""
+    c = table.constraint
+    return {name: getattr(c, name) if c else None for name in _SETTINGS}
+
+
 def to_sharding_plan(space: SearchSpace, a: Assignment, compute_device: str) -> ShardingPlan:
     """One `ParameterSharding` per table, grouped by module path, as TorchRec's planner emits."""
     plan = {}
@@ -38,19 +47,13 @@ def to_sharding_plan(space: SearchSpace, a: Assignment, compute_device: str) -> 
                     )
                 ]
             )
-        c = table.constraint
         module_plan = plan.setdefault(table.path, EmbeddingModuleShardingPlan())
         module_plan[table.name] = ParameterSharding(
             sharding_spec=spec,
             sharding_type=st,
             compute_kernel=str(space.opt_kernel[o]),
             ranks=rank_list,
-            cache_params=c.cache_params if c else None,
-            enforce_hbm=c.enforce_hbm if c else None,
-            stochastic_rounding=c.stochastic_rounding if c else None,
-            bounds_check_mode=c.bounds_check_mode if c else None,
-            output_dtype=c.output_dtype if c else None,
-            key_value_params=c.key_value_params if c else None,
+            **_constraint_settings(table),
         )
     return ShardingPlan(plan)
 
@@ -78,7 +81,6 @@ def to_sharding_options(space: SearchSpace, a: Assignment, batch_size: int) -> L
                 ranks.tolist(),
             )
         ]
-        c = table.constraint
         st = str(space.opt_type[o])
         out.append(
             ShardingOption(
@@ -91,14 +93,9 @@ def to_sharding_options(space: SearchSpace, a: Assignment, batch_size: int) -> L
                 partition_by=get_partition_by_type(st),
                 compute_kernel=str(space.opt_kernel[o]),
                 shards=shards,
-                cache_params=c.cache_params if c else None,
-                enforce_hbm=c.enforce_hbm if c else None,
-                stochastic_rounding=c.stochastic_rounding if c else None,
-                bounds_check_mode=c.bounds_check_mode if c else None,
                 is_pooled=table.is_pooled,
-                feature_names=c.feature_names if c else None,
-                output_dtype=c.output_dtype if c else None,
-                key_value_params=c.key_value_params if c else None,
+                feature_names=table.constraint.feature_names if table.constraint else None,
+                **_constraint_settings(table),
             )
         )
     return out
