@@ -12,6 +12,8 @@ gloo group's `all_to_all_single`.
 
 from __future__ import annotations
 
+import itertools
+import math
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -76,13 +79,16 @@ class _Channel:
                             f"rank {me}: peer rank {peer} failed before delivering iteration {it} of channel "
                             f"{self.name}: {e}"
                         ) from None
-                    nbytes = out.numel() * out.element_size()
+                    is_bytes = isinstance(out, np.ndarray)
+                    nbytes = out.nbytes if is_bytes else out.numel() * out.element_size()
                     if len(data) != nbytes:
                         raise BLSError(
                             f"rank {me}: peer rank {peer} sent {len(data)} bytes for iteration {it} of channel "
                             f"{self.name}, expected {nbytes} (do the ranks agree on the split sizes?)"
                         )
-                    if nbytes:
+                    if nbytes and is_bytes:
+                        out[:] = np.frombuffer(data, dtype=np.uint8)
+                    elif nbytes:
                         out.copy_(torch.frombuffer(data, dtype=out.dtype).view(out.shape))
                     self.pending[peer].pop(0)
                     self.arrived[peer] = it
@@ -194,20 +200,28 @@ class BLSProcessGroup(dist.ProcessGroup):
         size = self._size
         out_splits = list(output_split_sizes) if output_split_sizes else [output.size(0) // size] * size
         in_splits = list(input_split_sizes) if input_split_sizes else [input.size(0) // size] * size
-        out_offsets = [sum(out_splits[:r]) for r in range(size)]
-        in_offsets = [sum(in_splits[:r]) for r in range(size)]
+        out_offsets = list(itertools.accumulate(out_splits, initial=0))
+        in_offsets = list(itertools.accumulate(in_splits, initial=0))
         me = self._rank
+        # Bytes as numpy views (no per-block tensor ops); shared memory with `output`.
+        src = input.contiguous().view(-1).view(torch.uint8).cpu().numpy()
+        dst = _byte_view(output)
+        in_row = input.element_size() * math.prod(input.shape[1:])
+        out_row = output.element_size() * math.prod(output.shape[1:])
         with ch.lock:
             iteration = ch.posted + 1
             # Lag rule, checked before sending so that "posted i" implies every peer posted >= i - L.
             ch.wait_for(iteration - self.lag, time.monotonic() + self.timeout_s)
             ch.posted = iteration
             for p in self.peers:
-                ch.pending[p].append((iteration, output.narrow(0, out_offsets[p], out_splits[p])))
+                if dst is not None:
+                    target = dst[out_offsets[p] * out_row : out_offsets[p + 1] * out_row]
+                else:
+                    target = output.narrow(0, out_offsets[p], out_splits[p])
+                ch.pending[p].append((iteration, target))
         for p in self.peers:
-            block = input.narrow(0, in_offsets[p], in_splits[p]).contiguous()
             try:
-                self._mesh.send(p, ch.tag, iteration, memoryview(block.view(-1).view(torch.uint8).cpu().numpy()))
+                self._mesh.send(p, ch.tag, iteration, memoryview(src[in_offsets[p] * in_row : in_offsets[p + 1] * in_row]))
             except PeerFailure as e:
                 raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from None
         output.narrow(0, out_offsets[me], out_splits[me]).copy_(input.narrow(0, in_offsets[me], in_splits[me]))
@@ -244,8 +258,11 @@ class BLSProcessGroup(dist.ProcessGroup):
             self._channels.clear()
 
 
-def _ranks(ranks: List[int]) -> str:
-    return f"peer rank {ranks[0]}" if len(ranks) == 1 else f"peer ranks {', '.join(map(str, ranks))}"
+def _byte_view(t: torch.Tensor) -> Optional[np.ndarray]:
+    """A writable uint8 numpy view of a contiguous CPU tensor's memory, or None."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.requires_grad:
+        return None
+    return t.view(-1).view(torch.uint8).numpy()
 
 
 def _call_site() -> str:
