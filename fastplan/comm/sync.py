@@ -10,14 +10,13 @@ stops answering is skipped for a while and named in `errors`; the others keep sy
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

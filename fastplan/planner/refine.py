@@ -12,7 +12,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from fastplan.planner.search import Assignment, SearchConfig, _Candidates, rank_loads
-from fastplan.planner.search_space import DEVICE, HOST, UNIFORM, SearchSpace
+from fastplan.planner.search_space import HOST, UNIFORM, SearchSpace
 
 # Ranks a single-shard table may move to in one batch: its own plus the least loaded ones.
 _MOVE_TARGETS = 16

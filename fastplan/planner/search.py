@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from fastplan.planner.errors import InfeasiblePlanError
-from fastplan.planner.search_space import DEVICE, HOST, UNIFORM, SearchSpace
+from fastplan.planner.search_space import HOST, UNIFORM, SearchSpace
 
 
 @dataclass
