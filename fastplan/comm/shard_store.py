@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 from torchrec.distributed.types import ShardingPlan
@@ -70,9 +70,9 @@ class ShardStore:
 
     @classmethod
     def from_plan(cls, plan: ShardingPlan, rank: int, init: Optional[Dict[str, torch.Tensor]] = None,
-                  dim_of: Optional[Dict[str, int]] = None, cache_rows: int = 100_000) -> "ShardStore":
+                  cache_rows: int = 100_000) -> "ShardStore":
         """The shards `plan` places on `rank` (sharding-spec shards; data-parallel tables whole).
-        `init` gives full tables to slice from; otherwise shards start at zero (`dim_of` then not needed)."""
+        `init` gives full tables to slice from; otherwise shards start at zero."""
         shards: Dict[ShardKey, torch.Tensor] = {}
         for path, module_plan in sorted(plan.plan.items()):
             for name, ps in sorted(module_plan.items()):
@@ -195,8 +195,3 @@ class ShardStore:
 
     def tensors(self) -> Dict[ShardKey, torch.Tensor]:
         return {k: s.weights for k, s in self.shards.items()}
-
-    def snapshot_rows(self, key: ShardKey, rows: Iterable[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        s = self.shards[key]
-        rows = torch.as_tensor(list(rows), dtype=torch.int64)
-        return s.weights[rows].clone(), s.row_versions[rows].clone()

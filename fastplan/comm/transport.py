@@ -12,7 +12,7 @@ import select
 import socket
 import struct
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 _FRAME = struct.Struct("<qqq")  # tag, iteration, nbytes
 _CHUNK = 1 << 20
@@ -108,9 +108,6 @@ class SocketMesh:
         return [p for p, b in self.wbuf.items() if b and p not in self.dead]
 
     # ---- receiving ---------------------------------------------------------------------------
-    def take(self, peer: int, tag: int, iteration: int) -> Optional[bytearray]:
-        return self.inbox.pop((peer, tag, iteration), None)
-
     def has(self, peer: int, tag: int, iteration: int) -> bool:
         return (peer, tag, iteration) in self.inbox
 
