@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from ortools.sat.python import cp_model
 
-from fastplan.planner.search import Assignment, SearchConfig, _Candidates, rank_loads
+from fastplan.planner.search import Assignment, SearchConfig, _Candidates, rank_loads, rank_memory
 from fastplan.planner.search_space import HOST, UNIFORM, SearchSpace
 
 # Ranks a single-shard table may move to in one batch: its own plus the least loaded ones.
@@ -71,11 +71,7 @@ def refine(
     budget = config.deterministic_time / nb
     stats = {"batches": 0, "improved_batches": 0, "cp_sat_bound": 0.0}
 
-    hbm_used = np.zeros(W, dtype=np.int64)
-    ddr_used = np.zeros(W, dtype=np.int64)
-    for o, r in zip(option.tolist(), ranks):
-        np.add.at(hbm_used, r, space.shard_hbm[space.shards(o)])
-        np.add.at(ddr_used, r, space.shard_ddr[space.shards(o)])
+    hbm_used, ddr_used = rank_memory(space, a)
 
     for batch in batches:
         makespan = float(loads.max())
@@ -148,9 +144,5 @@ def refine(
         if new_loads.max() < loads.max():
             stats["improved_batches"] += 1
             option, ranks, loads = new_option, new_ranks, new_loads
-            hbm_used[:] = 0
-            ddr_used[:] = 0
-            for o, r in zip(option.tolist(), ranks):
-                np.add.at(hbm_used, r, space.shard_hbm[space.shards(o)])
-                np.add.at(ddr_used, r, space.shard_ddr[space.shards(o)])
+            hbm_used, ddr_used = rank_memory(space, Assignment(option, ranks))
     return Assignment(option, ranks), loads, stats

@@ -245,10 +245,8 @@ def local_search(space: SearchSpace, cands: _Candidates, a: Assignment, hbm_cap:
     perf, hbm, ddr = cands.perf, space.shard_hbm, space.shard_ddr
     option, ranks = a.option.copy(), [r.copy() for r in a.ranks]
     loads = rank_loads(space, perf, a)
-    free_h, free_d = hbm_cap.astype(np.int64).copy(), ddr_cap.astype(np.int64).copy()
-    for o, r in zip(option.tolist(), ranks):
-        np.subtract.at(free_h, r, hbm[space.shards(o)])
-        np.subtract.at(free_d, r, ddr[space.shards(o)])
+    used_h, used_d = rank_memory(space, a)
+    free_h, free_d = hbm_cap.astype(np.int64) - used_h, ddr_cap.astype(np.int64) - used_d
     n_tables = len(space.tables)
     # Each table's cheapest single-shard option and cheapest all-ranks option (-1: none).
     best_single = np.full(n_tables, -1)
@@ -361,6 +359,16 @@ def local_search(space: SearchSpace, cands: _Candidates, a: Assignment, hbm_cap:
             else:
                 apply(t, int(option[t]), np.array([dest]))
     return Assignment(option, ranks), rank_loads(space, perf, Assignment(option, ranks))
+
+
+def rank_memory(space: SearchSpace, a: Assignment) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-rank (hbm, ddr) bytes the assignment's shards take."""
+    hbm = np.zeros(space.world_size, dtype=np.int64)
+    ddr = np.zeros(space.world_size, dtype=np.int64)
+    for o, r in zip(a.option.tolist(), a.ranks):
+        np.add.at(hbm, r, space.shard_hbm[space.shards(o)])
+        np.add.at(ddr, r, space.shard_ddr[space.shards(o)])
+    return hbm, ddr
 
 
 def rank_loads(space: SearchSpace, perf: np.ndarray, a: Assignment) -> np.ndarray:
