@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastplan.comm.replication import StreamConfig, propagation_latencies, run_stream  # noqa: E402
+from fastplan.comm.updates.replication import StreamConfig, propagation_latencies, run_stream  # noqa: E402
 
 
 def pct(values, q):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastplan.comm.replication import StreamConfig, propagation_latencies, run_stream
+from fastplan.comm.updates.replication import StreamConfig, propagation_latencies, run_stream
 
 
 def everyone(results):

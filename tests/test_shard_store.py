@@ -2,9 +2,9 @@
 
 import torch
 
-from fastplan.comm.scheduler import UpdateScheduler
-from fastplan.comm.shard_store import ShardStore
-from fastplan.comm.state import ModelStateManager
+from fastplan.comm.updates.scheduler import UpdateScheduler
+from fastplan.comm.updates.shard_store import ShardStore
+from fastplan.comm.updates.state import ModelStateManager
 
 KEY = ("t", 0)
 

@@ -1,8 +1,20 @@
-"""Inference communication: the bounded-lag (BLS) all-to-all and the lag-L pipeline around it."""
+"""Communication for sharded models: two systems that share only `transport`.
 
-from fastplan.comm.bls import BLSError, BLSProcessGroup, BLSTimeoutError, BLSWork, new_bls_group, register_bls_backend
-from fastplan.comm.pipeline import BLSInferencePipeline
-from fastplan.comm.wiring import BLSConfig, wire_bls
+- `fastplan.comm.bls`: the bounded-lag all-to-all for inference and its pipeline.
+- `fastplan.comm.updates`: propagation of embedding updates from trainers to inference replicas.
+"""
+
+from fastplan.comm.bls import (
+    BLSConfig,
+    BLSError,
+    BLSInferencePipeline,
+    BLSProcessGroup,
+    BLSTimeoutError,
+    BLSWork,
+    new_bls_group,
+    register_bls_backend,
+    wire_bls,
+)
 
 __all__ = [
     "BLSConfig",

@@ -13,7 +13,7 @@ from typing import Tuple
 
 import torch
 
-from fastplan.comm.shard_store import Delta, ShardStore
+from fastplan.comm.updates.shard_store import Delta, ShardStore
 
 
 @dataclass

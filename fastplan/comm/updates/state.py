@@ -8,7 +8,7 @@ from typing import Callable, Dict, Union
 
 import torch
 
-from fastplan.comm.shard_store import ShardKey, ShardStore
+from fastplan.comm.updates.shard_store import ShardKey, ShardStore
 
 Scorer = Callable[[Dict[ShardKey, torch.Tensor]], torch.Tensor]
 

@@ -21,8 +21,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fastplan.comm.scheduler import UpdateScheduler
-from fastplan.comm.shard_store import Delta, ShardKey, ShardStore
+from fastplan.comm.updates.scheduler import UpdateScheduler
+from fastplan.comm.updates.shard_store import Delta, ShardKey, ShardStore
 
 logger = logging.getLogger("fastplan.sync")
 _LEN = struct.Struct("<q")

@@ -11,8 +11,8 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
-from fastplan.comm.bls import new_bls_group
-from fastplan.comm.pipeline import BLSInferencePipeline
+from fastplan.comm.bls.collective import new_bls_group
+from fastplan.comm.bls.pipeline import BLSInferencePipeline
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def initial_shards(cfg: StreamConfig) -> Dict:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
     from fastplan import FastShardingPlanner
-    from fastplan.comm.shard_store import ShardStore
+    from fastplan.comm.updates.shard_store import ShardStore
     from fastplan.models import ebc
 
     tables = [EmbeddingBagConfig(name=f"t{i}", feature_names=[f"f{i}"], embedding_dim=cfg.dim, num_embeddings=cfg.rows)
@@ -84,8 +84,8 @@ def _kv(port: int):
 
 
 def _node(rank: int, cfg: StreamConfig, kv, store, pull: bool, on_apply=None):
-    from fastplan.comm.scheduler import UpdateScheduler
-    from fastplan.comm.sync import SyncNode
+    from fastplan.comm.updates.scheduler import UpdateScheduler
+    from fastplan.comm.updates.sync import SyncNode
 
     scheduler = None
     if cfg.scheduler:
