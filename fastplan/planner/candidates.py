@@ -46,25 +46,23 @@ class Candidates:
         anywhere = (self.placement == DEVICE) | (s.num_hosts * s.host_size == s.world_size) | (self.placement == UNIFORM)
         single = (count == 1) & anywhere
         shape = np.where(single, "single", s.opt_type.astype(str))
-        keys = np.array([f"{t}|{c}|{g}" for t, c, g in zip(s.opt_table.tolist(), count.tolist(), shape.tolist())])
+        _, keys = np.unique(np.stack([s.opt_table, count, np.unique(shape, return_inverse=True)[1]], 1), axis=0, return_inverse=True)
+        keys = keys.ravel()
         order = np.lexsort((np.arange(n), self.work, keys))
         ks = keys[order]
+        bounds = np.flatnonzero(np.diff(ks, prepend=-1, append=-1))
+        starts, sizes = bounds[:-1], np.diff(bounds)
         first, second = [], []
-        i = 0
-        while i < n:  # groups hold at most a few kernels x sharding types
-            j = i
-            while j < n and ks[j] == ks[i]:
-                j += 1
-            for a in range(i, j):
-                for b in range(a + 1, j):
-                    first.append(order[a])
-                    second.append(order[b])
-            i = j
+        for k in np.unique(sizes[sizes > 1]).tolist():  # groups hold a few kernels x sharding types
+            a, b = np.triu_indices(k, 1)
+            base = starts[sizes == k][:, None]
+            first.append(order[(base + a[None, :]).ravel()])
+            second.append(order[(base + b[None, :]).ravel()])
         dominated = np.zeros(n, dtype=bool)
         if not first:
             return dominated
-        k = np.array(first)
-        o = np.array(second)
+        k = np.concatenate(first)
+        o = np.concatenate(second)
         c = count[o]
         local = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
         ik = np.repeat(s.opt_start[k], c) + local

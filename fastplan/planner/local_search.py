@@ -3,8 +3,8 @@
 Movable units are the shards of table-wise / column-wise options (any rank) and of
 table-column-wise options (any rank of their host). Each step takes the best of: move a unit off
 the busiest rank, swap it with a smaller unit elsewhere, gather a spread table (row-wise,
-data-parallel) onto one rank; when none helps, re-place one of the tables on the busiest rank
-with its best option. A step is taken only if it lowers (makespan, ranks at the makespan).
+data-parallel) onto one rank (tried when no move or swap helps); when none helps, re-place one
+of the tables on the busiest rank with its best option. A step is taken only if it lowers (makespan, ranks at the makespan).
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
                         candidates.append([_swapped(a, units, a_u, b_u)])
                     else:
                         candidates.append([_moved(a, units, a_u, int(units.rank[b_u])), _moved(a, units, b_u, top)])
-        gather = _gather(space, a, kind, best_single, loads, free, perf)
-        if gather is not None:
-            candidates.append([gather])
         best = _best(candidates, trial, current)
+        if best is None:
+            gather = _gather(space, a, kind, best_single, loads, free, perf)
+            best = _best([[gather]] if gather is not None else [], trial, current)
         if best is None:
             best = _best(_reinsertions(space, cands, a, st, top), trial, current)
         if best is None:

@@ -223,7 +223,7 @@ def refine(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.ndarray
             _hint(b.m, choices, current, a.ranks[t], space)
             per_table.append(choices)
         b.finish(base, free)
-        sol = b.m.solve(budget)
+        sol = b.m.solve(budget, presolve=False)
         stats["batches"] += 1
         stats["cp_sat_status"] = sol.status
         if nb == 1:

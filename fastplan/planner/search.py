@@ -35,10 +35,11 @@ class SearchConfig:
     depends on the inputs only; `scaled_to` shrinks them to fit a wall-clock timeout."""
 
     batch_size: int = 400  # tables per CP-SAT refinement model
-    deterministic_time: float = 0.3  # CP-SAT refinement, whole plan (0: skip)
+    deterministic_time: float = 0.3  # CP-SAT refinement, whole plan, at most (0: skip)
+    time_per_cell: float = 2e-4  # refinement budget per table x rank, so small problems finish fast
     target_gap: float = 1e-4  # skip refinement once this close to the lower bound
     max_cells: int = 2_000  # refine with CP-SAT only when tables x ranks is at most this
-    replay_budget: int = 40_000  # shard placements for replaying TorchRec's proposals (0: skip)
+    replay_budget: int = 20_000  # shard placements for replaying TorchRec's proposals (0: skip)
     exact_time: float = 5.0  # CP-SAT budget to find or rule out a plan when heuristics fail
     max_exact_vars: int = 400_000  # larger exact models are not attempted
     local_search_steps: int = 20_000
@@ -169,8 +170,8 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
             and cells <= config.max_cells and in_time():
         from fastplan.planner.refine import refine  # OR-Tools loads only when refinement runs
 
-        a, loads, rstats = refine(space, cands, a, cap, lb, config.batch_size,
-                                  config.deterministic_time, config.target_gap)
+        budget = min(config.deterministic_time, max(0.02, config.time_per_cell * cells))
+        a, loads, rstats = refine(space, cands, a, cap, lb, config.batch_size, budget, config.target_gap)
         stats.update(rstats)
         stats["refine_s"] = time.perf_counter() - t1
     return SearchResult(a, loads, min(start_makespans.values()), lb, stats, candidates)

@@ -159,7 +159,10 @@ def from_sharding_options(
         if key not in index:
             raise KeyError(f"enumerator returned table '{so.name}' of module '{so.path}' that fastplan did not find")
         rows.append((index[key], so))
-    rows.sort(key=lambda r: r[0])  # stable: keeps the enumerator's order within a table
+    # TorchRec orders a constrained table's options by a set intersection (it varies with
+    # PYTHONHASHSEED): a canonical order keeps plans identical on every rank.
+    kinds = {t: i for i, t in enumerate((DP, TW, CW, TWCW, RW, TWRW))}
+    rows.sort(key=lambda r: (r[0], kinds.get(r[1].sharding_type, len(kinds)), r[1].sharding_type, r[1].compute_kernel))
     counts = np.array([len(so.shards) for _, so in rows], dtype=np.int64)
     perf, mem, size, offset = [], [], [], []
     for _, so in rows:
