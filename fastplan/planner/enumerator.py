@@ -6,7 +6,7 @@ own planner. Anything the vectorized model does not re-derive is costed by Torch
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from torch import nn
 from torchrec.distributed.planner.constants import DEFAULT_PERF_ESTIMATOR
@@ -29,6 +29,12 @@ class FastEnumerator(EmbeddingEnumerator):
         self._custom_estimator = estimator is not None
         self._space: Optional[SearchSpace] = None
         self._options: Optional[List[ShardingOption]] = None
+        self._deferred: Optional[Callable[[], None]] = None
+
+    def defer(self, build: Callable[[], None]) -> None:
+        """The next read of `last_stored_search_space` first calls `build` (which enumerates):
+        a planner serving a cached plan enumerates only if someone asks."""
+        self._space, self._options, self._deferred = None, None, build
 
     def collect(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> List[TableInfo]:
         """The module's shardable tables and what decides their cost (cheap: no costing)."""
@@ -48,7 +54,7 @@ class FastEnumerator(EmbeddingEnumerator):
             self._last_stored_module = None  # TorchRec's enumerate() would return its cached copy
             options = super().enumerate(module, sharders)
             space = from_sharding_options(tables, options, topo.world_size, topo.local_world_size, topo.intra_group_size)
-        self._space, self._options = space, None
+        self._space, self._options, self._deferred = space, None, None
         return space
 
     def enumerate(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> List[ShardingOption]:
@@ -58,6 +64,9 @@ class FastEnumerator(EmbeddingEnumerator):
     @property
     def last_stored_search_space(self) -> Optional[List[ShardingOption]]:
         """The options of the last search space, built on first access (hashing, stats)."""
+        if self._deferred is not None:
+            build, self._deferred = self._deferred, None
+            build()
         if self._space is None:
             return self._last_stored_search_space
         if self._options is None:

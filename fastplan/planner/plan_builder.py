@@ -100,3 +100,34 @@ def to_sharding_options(space: SearchSpace, a: Assignment, batch_size: int) -> L
 def sharding_options(space: SearchSpace, batch_size: int) -> List[ShardingOption]:
     """Every option of the search space, without ranks, in table order (an enumerator's output)."""
     return [_sharding_option(space, o, batch_size) for o in range(len(space.opt_table))]
+
+
+def assignment_from_plan(space: SearchSpace, plan: ShardingPlan) -> Assignment:
+    """The assignment a `ShardingPlan` describes, in `space`'s terms (its tables must be in the
+    plan with options of the space). Shards are matched by offset, so the plan's shard order does
+    not matter."""
+    import numpy as np
+
+    by_key = {}
+    for o, (t, st, k) in enumerate(zip(space.opt_table.tolist(), space.opt_type.tolist(), space.opt_kernel.tolist())):
+        by_key[(t, st, k)] = o
+    option = np.zeros(len(space.tables), dtype=np.int64)
+    ranks = []
+    for t, table in enumerate(space.tables):
+        ps = plan.plan[table.path][table.name]
+        o = by_key.get((t, ps.sharding_type, ps.compute_kernel))
+        if o is None:
+            raise ValueError(f"table '{table.name}': {ps.sharding_type}/{ps.compute_kernel} is not an option of this search space")
+        option[t] = o
+        if ps.sharding_spec is None:  # data-parallel: shard i on rank i
+            ranks.append(np.array(ps.ranks, dtype=np.int64))
+            continue
+        sl = space.shards(o)
+        slots = {}
+        for i, (off, size) in enumerate(zip(space.shard_offset[sl].tolist(), space.shard_size[sl].tolist())):
+            slots.setdefault((tuple(off), tuple(size)), []).append(i)
+        r = np.empty(sl.stop - sl.start, dtype=np.int64)
+        for meta, rank in zip(ps.sharding_spec.shards, ps.ranks):
+            r[slots[(tuple(meta.shard_offsets), tuple(meta.shard_sizes))].pop(0)] = rank
+        ranks.append(r)
+    return Assignment(option, ranks)

@@ -33,6 +33,7 @@ from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 from fastplan.planner.enumerator import FastEnumerator
+from fastplan.planner.errors import InfeasiblePlanError
 from fastplan.planner.plan_builder import to_sharding_options, to_sharding_plan
 from fastplan.planner.search import SearchConfig, SearchResult, search
 from fastplan.planner.search_space import SearchSpace, from_sharding_options
@@ -76,6 +77,7 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
     ) -> None:
         if timeout_seconds is not None and timeout_seconds <= 0:
             raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds}")
+        self._pending = None
         if topology is None:
             topology = default_topology()
         if enumerator is None:
@@ -158,11 +160,54 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
                     if hit is None:
                         return self._plan_tables(module, sharders, tables, start, key)
             plan, report = hit
+            self._from_cache(module, sharders, tables, plan)
             report.planning_seconds = time.perf_counter() - start
             report.source = "cache"
             self._finish(report)
             return plan
         return self._plan_tables(module, sharders, tables, start, key)
+
+    # TorchRec's planner state after plan() (`_best_plan`, the enumerator's search space, the
+    # reserved topology): on a cache hit it is rebuilt only when first read, so warm starts stay fast.
+    @property
+    def _best_plan(self) -> Optional[List[ShardingOption]]:
+        if self._pending is not None:
+            self._materialize()
+        return self._best_plan_value
+
+    @_best_plan.setter
+    def _best_plan(self, value: Optional[List[ShardingOption]]) -> None:
+        self._best_plan_value = value
+        self._pending = None
+
+    def hash_planner_context_inputs(self) -> int:
+        if self._pending is not None:
+            self._materialize()
+        return super().hash_planner_context_inputs()
+
+    def hash_planner_context_inputs_str(self) -> str:
+        if self._pending is not None:
+            self._materialize()
+        return super().hash_planner_context_inputs_str()
+
+    def _from_cache(self, module, sharders, tables, plan: ShardingPlan) -> None:
+        self._best_plan_value = None
+        self._pending = (module, sharders, tables, plan)
+        self._enumerator.defer(self._materialize)
+        self._num_proposals = self._num_plans = 1
+        if self._stats:
+            self._log_stats(plan, self._best_plan, sharders, 0.0)
+
+    def _materialize(self) -> None:
+        from fastplan.planner.plan_builder import assignment_from_plan
+
+        if self._pending is None:
+            return
+        module, sharders, tables, plan = self._pending
+        self._pending = None
+        self._reserve(module, sharders)
+        space = self._search_space(module, sharders, tables)
+        self._best_plan_value = to_sharding_options(space, assignment_from_plan(space, plan), self._batch_size)
 
     # ---- internals ---------------------------------------------------------------------------
     def _custom_stats(self) -> bool:
@@ -188,7 +233,10 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         timeout = self._timeout_seconds
         deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - start)
         config = self._search_config.scaled_to(timeout)
-        result = search(space, cap[:, 0], cap[:, 1], config, deadline, ssd_cap=cap[:, 2])
+        try:
+            result = search(space, cap[:, 0], cap[:, 1], config, deadline, ssd_cap=cap[:, 2])
+        except InfeasiblePlanError as e:
+            raise InfeasiblePlanError(f"{e}\n{self._reservation_note()}", e.error_type, e.proven) from None
         a = self._choose(space, result)
         options = to_sharding_options(space, a, self._batch_size)
         for callback in self._callbacks:
@@ -199,17 +247,32 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         self._best_plan = options
         self._num_proposals = self._num_plans = 1
         report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start)
-        for stat in self._stats:
-            stat.log(
-                sharding_plan=plan, topology=self._topology, batch_size=self._batch_size,
-                storage_reservation=self._storage_reservation, num_proposals=1, num_plans=1,
-                run_time=report.planning_seconds, best_plan=options, constraints=self._constraints,
-                sharders=sharders, enumerator=self._enumerator, debug=self._debug,
-            )
+        self._log_stats(plan, options, sharders, report.planning_seconds)
         if key is not None:
             self.cache.put(key, plan, report)
         self._finish(report)
         return plan
+
+    def _log_stats(self, plan: ShardingPlan, options: List[ShardingOption], sharders, run_time: float) -> None:
+        for stat in self._stats:
+            stat.log(
+                sharding_plan=plan, topology=self._topology, batch_size=self._batch_size,
+                storage_reservation=self._storage_reservation, num_proposals=1, num_plans=1,
+                run_time=run_time, best_plan=options, constraints=self._constraints,
+                sharders=sharders, enumerator=self._enumerator, debug=self._debug,
+            )
+
+    def _reservation_note(self) -> str:
+        """What the storage reservation took, in TorchRec's words."""
+        from torchrec.distributed.planner.storage_reservations import FixedAbsoluteStorageReservation
+        from torchrec.distributed.planner.utils import bytes_to_gb
+
+        r = self._storage_reservation
+        if isinstance(r, FixedAbsoluteStorageReservation):
+            return f"Storage reservation: {round(bytes_to_gb(r._hbm_reserved_bytes), 3)} GB per device."
+        percentage = getattr(r, "_percentage", None)
+        return f"Storage reservation percentage: {percentage} ({type(r).__name__})." if percentage is not None else \
+            f"Storage reservation: {type(r).__name__}."
 
     def _choose(self, space: SearchSpace, result: SearchResult):
         """The search's plan, or with a user's performance model, the candidate it rates best."""
