@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch.distributed as dist
@@ -35,6 +35,10 @@ from fastplan.planner.search import SearchConfig, search
 from fastplan.planner.search_space import SearchSpace, build_search_space, from_sharding_options
 from fastplan.planner.stats import PlanReport, build_report
 from fastplan.planner.tables import TableInfo, check_constraint_tables, check_constraint_values, collect_tables
+
+if TYPE_CHECKING:
+    from fastplan.cache.fingerprint import PlanInputs
+    from fastplan.planfile import PlanFile
 
 logger = logging.getLogger("fastplan")
 _DEFAULT_CACHE = object()
@@ -111,6 +115,7 @@ class FastShardingPlanner(ShardingPlanner):
         self.cache = cache or None
         self.last_report: Optional[PlanReport] = None
         self.last_key: Optional[str] = None
+        self.last_plan_file: Optional["PlanFile"] = None  # plan, report, inputs, key, estimates of the last cacheable plan
 
     @property
     def topology(self) -> Topology:
@@ -122,10 +127,15 @@ class FastShardingPlanner(ShardingPlanner):
         module: nn.Module,
         sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
         pg: Optional[dist.ProcessGroup] = None,
+        *,
+        timeout: Optional[float] = None,
     ) -> ShardingPlan:
-        """Plan on every rank (deterministic, cached), then agree on a plan hash without any rank
-        waiting in a collective while another is still planning. See `fastplan.cache.agreement`."""
-        from fastplan.cache.agreement import agree_on_plan
+        """Plan on every rank (deterministic, cached), then agree on a plan hash through the process
+        group's store without any rank waiting in a collective while another is still planning.
+        `timeout` (default `fastplan.cache.agreement.DEFAULT_AGREEMENT_TIMEOUT_S`): seconds the ranks
+        wait for one another beyond the search budget `timeout_seconds`, counted from when the first
+        rank entered; then every rank raises naming the missing ranks."""
+        from fastplan.cache.agreement import DEFAULT_AGREEMENT_TIMEOUT_S, agree_on_plan
 
         if pg is None:
             if not dist.is_initialized():
@@ -135,7 +145,18 @@ class FastShardingPlanner(ShardingPlanner):
                 )
             pg = dist.GroupMember.WORLD
         sharders = sharders if sharders is not None else get_default_sharders()
-        return agree_on_plan(self, module, sharders, pg)
+        return agree_on_plan(self, module, sharders, pg, DEFAULT_AGREEMENT_TIMEOUT_S if timeout is None else timeout)
+
+    def planning_inputs(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]],
+                        tables: Optional[List[TableInfo]] = None) -> "PlanInputs":
+        """Everything that decides this planner's plan of `module`: the cache key, and what ranks compare."""
+        from fastplan.cache.fingerprint import plan_inputs, reservation_inputs
+
+        if tables is None:
+            tables = collect_tables(module, sharders, self._topology.compute_device, self._batch_size, self._constraints)
+        reservation = reservation_inputs(self._storage_reservation, module, self._reserve, sharders)
+        return plan_inputs(tables, self._topology, reservation, self._batch_size, sharders, self._search_config,
+                           self._timeout_seconds)
 
     def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         start = time.perf_counter()
@@ -147,29 +168,25 @@ class FastShardingPlanner(ShardingPlanner):
         if not tables:
             self.last_report = None
             return ShardingPlan({})
-        key = None
+        inputs = None
+        self.last_plan_file = None
         # Callbacks, Stats objects and custom enumerators are opaque inputs: plan without the cache.
-        cacheable = not (self._callbacks or self._stats or self._enumerator is not None)
-        if self.cache is not None and self.cache.enabled and cacheable:
-            from fastplan.cache.fingerprint import plan_fingerprint, reservation_inputs
-
-            key = plan_fingerprint(
-                tables, self._topology, reservation_inputs(self._storage_reservation, module, self._reserve, sharders),
-                self._batch_size, sharders, self._constraints, self._search_config,
-            )
-            self.last_key = key
-            hit = self.cache.get(key)
+        if self.cache is not None and not (self._callbacks or self._stats or self._enumerator is not None):
+            inputs = self.planning_inputs(module, sharders, tables)
+            self.last_key = inputs.key
+            hit = self.cache.get(inputs.key)
             if hit is None:
-                with self.cache.lock(key):  # concurrent planners of one key: one computes, others read
-                    hit = self.cache.get(key)
+                with self.cache.lock(inputs.key):  # concurrent planners of one key: one computes, others read
+                    hit = self.cache.get(inputs.key)
                     if hit is None:
-                        return self._plan_tables(module, sharders, tables, start, key)
-            plan, report = hit
-            report.planning_seconds = time.perf_counter() - start
-            report.source = "cache"
-            self._finish(report)
-            return plan
-        return self._plan_tables(module, sharders, tables, start, key)
+                        return self._plan_tables(module, sharders, tables, start, inputs)
+            self.last_plan_file = hit
+            if hit.report is not None:
+                hit.report.planning_seconds = time.perf_counter() - start
+                hit.report.source = "cache"
+            self._finish(hit.report)
+            return hit.plan
+        return self._plan_tables(module, sharders, tables, start, inputs)
 
     def _reserve(self, module: nn.Module, sharders) -> Tuple[np.ndarray, np.ndarray]:
         """Per-rank (hbm, ddr) bytes left for embeddings after the storage reservation."""
@@ -181,7 +198,7 @@ class FastShardingPlanner(ShardingPlanner):
         ddr = np.array([d.storage.ddr for d in reserved.devices], dtype=np.int64)
         return hbm, ddr
 
-    def _plan_tables(self, module, sharders, tables, start: float, key: Optional[str]) -> ShardingPlan:
+    def _plan_tables(self, module, sharders, tables, start: float, inputs: Optional["PlanInputs"]) -> ShardingPlan:
         hbm_cap, ddr_cap = self._reserve(module, sharders)
         space = self._search_space(module, sharders, tables)
         result = search(space, hbm_cap, ddr_cap, self._search_config, self._timeout_seconds)
@@ -201,15 +218,19 @@ class FastShardingPlanner(ShardingPlanner):
                 run_time=report.planning_seconds, best_plan=options or [], constraints=self._constraints,
                 sharders=sharders, debug=self._debug,
             )
-        if key is not None:
-            self.cache.put(key, plan, report)
+        if inputs is not None:
+            from fastplan.planfile import PlanFile, estimates_from_options
+
+            estimates = estimates_from_options(options or to_sharding_options(space, result.assignment, self._batch_size))
+            self.last_plan_file = PlanFile(plan, report, inputs.to_dict(), inputs.key, estimates)
+            self.cache.put(inputs.key, plan, report=report, inputs=self.last_plan_file.inputs, estimates=estimates)
         self._finish(report)
         return plan
 
     # ---- internals ---------------------------------------------------------------------------
-    def _finish(self, report: PlanReport) -> None:
+    def _finish(self, report: Optional[PlanReport]) -> None:
         self.last_report = report
-        if self._debug:
+        if self._debug and report is not None:
             logger.info("\n%s", report.table())
 
     def _search_space(self, module: nn.Module, sharders, tables: List[TableInfo]) -> SearchSpace:
