@@ -233,7 +233,7 @@ def decode_plan(data: bytes, source: str = "plan file", lazy: bool = False) -> P
             header = None
         if header is not None and header.version != VERSION:
             raise PlanFileError(f"{source}: plan file version {header.version}; this fastplan reads version {VERSION}") from e
-        raise PlanFileError(f"{source}: not a valid fastplan plan file ({e})") from e
+        raise PlanFileError(f"{source}: not a valid fastplan plan file ({_name_table(data, e)})") from e
     try:
         plan = _sharding_plan(doc.plan)
     except (ValueError, TypeError, RuntimeError) as e:  # e.g. a malformed placement or overlapping shards
@@ -245,6 +245,20 @@ def decode_plan(data: bytes, source: str = "plan file", lazy: bool = False) -> P
         except PlanFileError as e:
             raise PlanFileError(f"{source}: {e}") from e
     return out
+
+
+def _name_table(data: bytes, error: Exception) -> str:
+    """msgspec elides dict keys from error paths ("$.plan[...][...].ranks"): find the table at fault."""
+    if "$.plan[...]" not in str(error):
+        return str(error)
+    for path, tables in msgspec.json.decode(data)["plan"].items():
+        for name, entry in (tables.items() if isinstance(tables, dict) else ()):
+            try:
+                msgspec.convert(entry, TableDoc, dec_hook=_refuse_type)
+            except msgspec.ValidationError as e:
+                message, _, at = str(e).partition(" - at `$")
+                return f"table '{name}' ({path or 'root module'}): field '{at.rstrip('`').lstrip('.')}': {message}"
+    return str(error)
 
 
 def write_atomic(path: os.PathLike, data: bytes) -> None:
