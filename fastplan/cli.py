@@ -148,9 +148,8 @@ def cmd_plan(args) -> int:
     if args.show_tables:
         print(plan)
     if args.out:
-        pf = planner.last_plan_file
-        if pf is not None:
-            dump_plan(pf.plan, args.out, report=report, inputs=pf.inputs, key=pf.key, estimates=pf.estimates)
+        if planner.last_plan_file is not None:
+            planner.last_plan_file.dump(args.out)
         else:
             dump_plan(plan, args.out, report=report)
         print(f"wrote {args.out}")

@@ -11,7 +11,7 @@ from torch import nn
 from torchrec.distributed.planner.enumerators import get_partition_by_type
 from torchrec.distributed.planner.types import Perf, PlanLoader, PlannerError, PlannerErrorType, Shard, ShardingOption, Storage
 
-from fastplan.planfile import PlanFile, load_plan
+from fastplan.planfile import PERF_FIELDS, PlanFile, load_plan
 
 
 class FastPlanLoader(PlanLoader):
@@ -43,18 +43,20 @@ class FastPlanLoader(PlanLoader):
         out: Dict[int, ShardingOption] = {}
         for path, tables in self._file.plan.plan.items():
             for name, ps in tables.items():
-                shards = estimates.get(path, {}).get(name)
-                if not shards:
+                e = estimates.get(path, {}).get(name)
+                if e is None:
                     raise PlannerError(f"plan {self._id}: table '{name}' ({path or 'root module'}) has no shard estimates",
                                        PlannerErrorType.PLAN_LOADING_FAILED)
-                shape = [max(o + s for o, s in zip(dim_o, dim_s)) for dim_o, dim_s in
-                         zip(zip(*(e.offset for e in shards)), zip(*(e.size for e in shards)))]
+                shape = [max(o + s for o, s in zip(dim_o, dim_s)) for dim_o, dim_s in zip(zip(*e.offsets), zip(*e.sizes))]
+                shards = [
+                    Shard(size=list(size), offset=list(offset), rank=rank, storage=Storage(hbm=hbm, ddr=ddr, ssd=ssd),
+                          perf=Perf(**dict(zip(PERF_FIELDS, perf))))
+                    for size, offset, rank, hbm, ddr, ssd, perf in zip(e.sizes, e.offsets, e.ranks, e.hbm, e.ddr, e.ssd, e.perf)
+                ]
                 option = ShardingOption(
                     name=name, tensor=torch.empty(shape, device="meta"), module=(path, placeholder), input_lengths=[],
                     batch_size=0, sharding_type=ps.sharding_type, partition_by=get_partition_by_type(ps.sharding_type),
-                    compute_kernel=ps.compute_kernel, cache_params=ps.cache_params, is_pooled=True,
-                    shards=[Shard(size=list(e.size), offset=list(e.offset), rank=e.rank,
-                                  storage=Storage(hbm=e.hbm, ddr=e.ddr, ssd=e.ssd), perf=Perf(**e.perf)) for e in shards],
+                    compute_kernel=ps.compute_kernel, cache_params=ps.cache_params, is_pooled=True, shards=shards,
                 )
                 out[option.storage_hash()] = option
         return out

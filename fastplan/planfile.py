@@ -11,7 +11,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import msgspec
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
@@ -58,22 +58,22 @@ class TableDoc(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     key_value_params: Optional[KeyValueParams] = None
 
 
-class ShardEstimate(msgspec.Struct, forbid_unknown_fields=True):
-    """One TorchRec planner `Shard` (a data-parallel table has one per rank): where it is, and the
-    planner's storage (bytes) and perf (ms) estimates for it."""
+class TableEstimates(msgspec.Struct, forbid_unknown_fields=True):
+    """A table's TorchRec planner `Shard`s (a data-parallel table has one per rank), one list entry per
+    shard: where it is, and the planner's storage (bytes) and perf (ms, columns `PERF_FIELDS`) estimates."""
 
-    size: List[int]
-    offset: List[int]
-    rank: int
-    hbm: int
-    ddr: int
-    ssd: int
-    perf: Dict[str, float]
+    ranks: List[int]
+    sizes: List[List[int]]
+    offsets: List[List[int]]
+    hbm: List[int]
+    ddr: List[int]
+    ssd: List[int]
+    perf: List[List[float]]
 
 
 _NULL = msgspec.Raw(b"null")
 PlanDoc = Dict[str, Dict[str, TableDoc]]  # module path -> table -> sharding
-Estimates = Dict[str, Dict[str, List[ShardEstimate]]]  # module path -> table -> shards
+Estimates = Dict[str, Dict[str, TableEstimates]]  # module path -> table -> its shards
 
 
 class FileDoc(msgspec.Struct, forbid_unknown_fields=True):
@@ -113,7 +113,8 @@ _HEADER = msgspec.json.Decoder(_Header)
 
 
 class PlanFile:
-    """A loaded plan file. `inputs` and `estimates` are decoded on first access."""
+    """A loaded plan file. `inputs` and `estimates` are decoded on first access (`estimates` may be
+    given as a function returning their JSON, read only then)."""
 
     def __init__(self, plan: ShardingPlan, report: Optional[PlanReport] = None, inputs: Optional[Dict[str, Any]] = None,
                  key: Optional[str] = None, estimates: Optional[Estimates] = None) -> None:
@@ -129,9 +130,19 @@ class PlanFile:
             self._inputs = _decode_field(self._inputs, Optional[Dict[str, Any]], "inputs")
         return self._inputs
 
+    def dump(self, path: os.PathLike) -> None:
+        """Write this plan file (see `dump_plan`)."""
+        dump_plan(self.plan, path, report=self.report, inputs=self._inputs, key=self.key, estimates=self.estimates)
+
+    @inputs.setter
+    def inputs(self, value: Union[None, Dict[str, Any], msgspec.Raw]) -> None:
+        self._inputs = value
+
     @property
     def estimates(self) -> Optional[Estimates]:
-        if isinstance(self._estimates, msgspec.Raw):
+        if callable(self._estimates):  # kept beside the file (the cache's sidecar), read on first use
+            self._estimates = self._estimates()
+        if isinstance(self._estimates, (msgspec.Raw, bytes)):
             self._estimates = _decode_field(self._estimates, Optional[Estimates], "estimates")
         return self._estimates
 
@@ -208,17 +219,22 @@ def table_digests(plan: ShardingPlan) -> Dict[str, str]:
 
 
 # ---- files ----------------------------------------------------------------------------------------
-def encode_plan(plan: ShardingPlan, *, report: Optional[PlanReport] = None, inputs: Optional[Dict[str, Any]] = None,
+def encode_plan(plan: ShardingPlan, *, report: Optional[PlanReport] = None, inputs: Union[None, Dict[str, Any], msgspec.Raw] = None,
                 key: Optional[str] = None, estimates: Optional[Estimates] = None, indent: int = 0) -> bytes:
     try:
         doc = FileDoc(
             format=FORMAT, version=VERSION, plan=_plan_doc(plan), key=key, report=report,
-            inputs=msgspec.Raw(_ENCODER.encode(inputs)), estimates=msgspec.Raw(_ENCODER.encode(estimates)),
+            inputs=inputs if isinstance(inputs, msgspec.Raw) else msgspec.Raw(_ENCODER.encode(inputs)),
+            estimates=msgspec.Raw(_ENCODER.encode(estimates)),
         )
         data = _ENCODER.encode(doc)
     except TypeError as e:
         raise PlanFileError(str(e)) from e
     return msgspec.json.format(data, indent=indent) if indent else data
+
+
+def encode_estimates(estimates: Estimates) -> bytes:
+    return _ENCODER.encode(estimates)
 
 
 def decode_plan(data: bytes, source: str = "plan file", lazy: bool = False) -> PlanFile:
@@ -275,7 +291,7 @@ def write_atomic(path: os.PathLike, data: bytes) -> None:
 
 
 def dump_plan(plan: ShardingPlan, path: os.PathLike, *, report: Optional[PlanReport] = None,
-              inputs: Optional[Dict[str, Any]] = None, key: Optional[str] = None,
+              inputs: Union[None, Dict[str, Any], msgspec.Raw] = None, key: Optional[str] = None,
               estimates: Optional[Estimates] = None) -> None:
     """Write `plan` (and optionally its report, inputs, fingerprint key and shard estimates) as indented JSON."""
     write_atomic(path, encode_plan(plan, report=report, inputs=inputs, key=key, estimates=estimates, indent=1))
@@ -293,11 +309,11 @@ def estimates_from_options(options: List[Any]) -> Estimates:
     """Per-shard estimates from TorchRec `ShardingOption`s (a planner's chosen options)."""
     out: Estimates = {}
     for so in options:
-        out.setdefault(so.path, {})[so.name] = [
-            ShardEstimate(
-                size=[int(x) for x in s.size], offset=[int(x) for x in s.offset], rank=int(s.rank), hbm=int(s.storage.hbm), ddr=int(s.storage.ddr), ssd=int(s.storage.ssd),
-                perf={f: float(getattr(s.perf, f)) for f in PERF_FIELDS},
-            )
-            for s in so.shards
-        ]
+        shards = so.shards
+        out.setdefault(so.path, {})[so.name] = TableEstimates(
+            ranks=[int(s.rank) for s in shards], sizes=[list(map(int, s.size)) for s in shards],
+            offsets=[list(map(int, s.offset)) for s in shards], hbm=[int(s.storage.hbm) for s in shards],
+            ddr=[int(s.storage.ddr) for s in shards], ssd=[int(s.storage.ssd) for s in shards],
+            perf=[[float(getattr(s.perf, f)) for f in PERF_FIELDS] for s in shards],
+        )
     return out

@@ -77,7 +77,7 @@ def test_mismatched_ranks_name_the_table_whose_inputs_differ():
     for rank, (_, (extra_table, constraint, batch)) in results.items():
         for kind, text, _ in (extra_table, constraint, batch):
             assert kind == "PlanMismatchError", text
-            assert "ranks disagree" in text and "rank 0 have plan" in text and "rank 1 have plan" in text
+            assert "ranks disagree" in text and "rank 0 has plan" in text and "rank 1 has plan" in text
         assert "1 table(s) only on rank 1: ['table_20']" in extra_table[1]
         assert "first table whose inputs differ: 'table_3' (1 differ)" in constraint[1]
         assert "shared inputs differ: batch_size" in batch[1]

@@ -69,8 +69,7 @@ def test_every_field_round_trips_through_a_file(tmp_path):
 def test_plan_file_is_readable_json_with_the_report(tmp_path):
     planner = FastShardingPlanner(topology=Topology(world_size=4, compute_device="cuda"), cache=PlanCache(tmp_path / "c"), debug=False)
     plan = planner.plan(ebc(report_tables(30)), SHARDERS)
-    pf = planner.last_plan_file
-    dump_plan(plan, tmp_path / "p.plan", report=planner.last_report, inputs=pf.inputs, key=pf.key, estimates=pf.estimates)
+    planner.last_plan_file.dump(tmp_path / "p.plan")
     doc = json.loads((tmp_path / "p.plan").read_text())
     assert doc["format"] == "fastplan-plan" and doc["key"] == planner.last_key
     assert doc["plan"][""]["table_0"]["sharding_type"] in ("table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
@@ -126,8 +125,7 @@ def _plan_file(tmp_path, world, device="cuda", n=40):
                                   cache=PlanCache(tmp_path / "cache"), debug=False)
     module = ebc(report_tables(n))
     plan = planner.plan(module, SHARDERS)
-    pf = planner.last_plan_file
-    dump_plan(plan, tmp_path / "p.plan", report=pf.report, inputs=pf.inputs, key=pf.key, estimates=pf.estimates)
+    planner.last_plan_file.dump(tmp_path / "p.plan")
     return module, plan
 
 

@@ -58,7 +58,7 @@ class _Exchange:
 
     def __init__(self, store, prefix: str, rank: int, global_ranks: List[int]) -> None:
         self.store, self.prefix, self.rank, self.global_ranks = store, prefix, rank, global_ranks
-        self.deadline = 0.0
+        self.deadline = self.budget = 0.0
 
     def names(self, ranks: Sequence[int]) -> str:
         if list(self.global_ranks) == list(range(len(self.global_ranks))):
@@ -85,6 +85,7 @@ class _Exchange:
         """The first rank to arrive fixes the start; everyone's deadline is start + budget."""
         now = repr(time.time())
         start = self.call(self.store.compare_set, f"{self.prefix}/start", "", now)
+        self.budget = budget_s
         self.deadline = float(start.decode() if isinstance(start, bytes) else start) + budget_s
 
     def publish(self, kind: str, message: msgspec.Struct) -> None:
@@ -100,7 +101,7 @@ class _Exchange:
             if missing:
                 raise PlanAgreementTimeout(
                     f"rank {self.rank}: {self.names(missing)} published no {'plan' if kind == 'summary' else 'plan details'} "
-                    f"by the agreement deadline ({time.time() - self.deadline:+.1f} s past it); "
+                    f"within {self.budget:.0f} s of the first rank entering collective_plan; "
                     "they may have died, hung, or not called collective_plan"
                 ) from e
         out = {}
@@ -160,7 +161,7 @@ def agree_on_plan(planner, module, sharders, pg: dist.ProcessGroup, timeout_s: f
     details = ex.gather("details", [a, b], Details)
     raise PlanMismatchError(
         f"rank {rank}: ranks disagree on the sharding plan: "
-        + "; ".join(f"{ex.names(rs)} have plan {h[:12]}" for h, rs in groups.items())
+        + "; ".join(f"{ex.names(rs)} {'has' if len(rs) == 1 else 'have'} plan {h[:12]}" for h, rs in groups.items())
         + f". Between rank {a} and rank {b}: {diagnose(details[a], details[b], a, b)}. "
         "Check that every rank sees the same tables, constraints and topology."
     )

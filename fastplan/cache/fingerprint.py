@@ -58,14 +58,16 @@ def _qualname(obj: Any) -> str:
 
 def canonical_hook(obj: Any) -> Any:
     """JSON form of what msgspec cannot encode itself: objects by class and state, never by id."""
+    if isinstance(obj, functools.partial):  # cheap checks first: torch's isinstance checks cost ~10 us
+        return {"__partial__": _qualname(obj.func)}
+    if isinstance(obj, type):
+        return _qualname(obj)
     if isinstance(obj, (torch.dtype, torch.device)):
         return str(obj)
     if isinstance(obj, torch.Tensor):
         return {"__tensor__": [str(obj.dtype), list(obj.shape)]}
-    if isinstance(obj, type) or isinstance(obj, nn.Module):
-        return _qualname(obj if isinstance(obj, type) else type(obj))
-    if isinstance(obj, functools.partial):
-        return {"__partial__": _qualname(obj.func)}
+    if isinstance(obj, nn.Module):
+        return _qualname(type(obj))
     if callable(obj) and hasattr(obj, "__qualname__"):
         return _qualname(obj)
     state = {k: v for k, v in vars(obj).items() if not k.startswith("__")} if hasattr(obj, "__dict__") else {}
@@ -104,6 +106,10 @@ class PlanInputs:
     def to_dict(self) -> Dict[str, Any]:
         return {"shared": msgspec.json.decode(self.shared), "tables": msgspec.json.decode(self.tables)}
 
+    def to_raw(self) -> msgspec.Raw:
+        """The JSON of `to_dict()`, without decoding it (for plan files)."""
+        return msgspec.Raw(b'{"shared":' + self.shared + b',"tables":' + self.tables + b"}")
+
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "PlanInputs":
         return cls(canonical_json(data["shared"]), canonical_json(data["tables"]))
@@ -123,12 +129,18 @@ def _configs(tables: List[TableInfo]) -> Dict[int, Dict[str, Any]]:
     return out
 
 
-def _table(t: TableInfo, configs: Dict[int, Dict[str, Any]]) -> List[Any]:
+def _table(t: TableInfo, configs: Dict[int, Dict[str, Any]], kernel_sets: Dict[int, int]) -> List[Any]:
+    config = configs[id(t.module)].get(t.name)
+    state = dict(vars(config)) if config is not None else None
+    fn = state and state.get("init_fn")
+    if fn is not None:  # a callable (usually a partial): its function's name, without a hook call per table
+        fn = getattr(fn, "func", fn)
+        state["init_fn"] = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
     return [f"{t.path}.{t.name}" if t.path else t.name, {
-        "module": type(t.module), "config": configs[id(t.module)].get(t.name), "dtype": t.tensor.dtype,
-        "shape": [t.rows, t.dim], "pooled": t.is_pooled, "weighted": t.is_weighted,
-        "optimizer": getattr(t.tensor, "_optimizer_classes", None), "kernels": t.kernels, "constraint": t.constraint,
-        "fused_params": t.fused_params, "qcomm_sizes": t.qcomm_dtype_sizes, "storage_usage": str(t.storage_usage_type),
+        "config": state, "dtype": str(t.tensor.dtype), "shape": [t.rows, t.dim], "pooled": t.is_pooled,
+        "weighted": t.is_weighted, "optimizer": getattr(t.tensor, "_optimizer_classes", None),
+        "kernels": kernel_sets[id(t.kernels)], "constraint": t.constraint, "fused_params": t.fused_params,
+        "qcomm_sizes": t.qcomm_dtype_sizes, "storage_usage": str(t.storage_usage_type),
     }]
 
 
@@ -137,12 +149,19 @@ def plan_inputs(
     search_config: Any, timeout_seconds: Optional[float],
 ) -> PlanInputs:
     configs = _configs(tables)
+    # Unconstrained tables of a module share one kernels dict: list each distinct one once.
+    kernel_sets: Dict[int, int] = {}
+    kernels: List[Any] = []
+    for t in tables:
+        if id(t.kernels) not in kernel_sets:
+            kernel_sets[id(t.kernels)] = len(kernels)
+            kernels.append(t.kernels)
     shared = {
         "versions": code_versions(), "topology": topology, "reservation": reservation, "batch_size": batch_size,
-        "sharders": sorted(sharders, key=canonical_json), "search": search_config,
-        "timeout_seconds": timeout_seconds,
+        "sharders": sorted(sharders, key=canonical_json), "search": search_config, "timeout_seconds": timeout_seconds,
+        "modules": {t.path: type(t.module) for t in tables}, "kernels": kernels,
     }
-    return PlanInputs(canonical_json(shared), canonical_json([_table(t, configs) for t in tables]))
+    return PlanInputs(canonical_json(shared), canonical_json([_table(t, configs, kernel_sets) for t in tables]))
 
 
 # TorchRec reservations whose result depends only on their settings, the topology, the batch size,
@@ -155,14 +174,14 @@ _KNOWN_RESERVATIONS = (
 _SETTINGS = ("_percentage", "_hbm_reserved_bytes", "_parameter_multiplier", "_dense_tensor_estimate")
 
 
-def _tensor_bytes(module: nn.Module) -> List[int]:
-    """(parameter bytes, buffer bytes) of `module`, each tensor once; a plain walk is 5x faster than
-    `module.parameters()` on modules with thousands of tables."""
+def _dense_bytes(module: nn.Module, shardable: set) -> List[int]:
+    """(parameter bytes, buffer bytes) outside the shardable modules (each tensor once): what TorchRec's
+    reservations take as dense storage. The tables themselves are in the per-table inputs."""
     seen_modules, seen_tensors, stack = set(), set(), [module]
     total = [0, 0]
     while stack:
         m = stack.pop()
-        if id(m) in seen_modules:
+        if id(m) in seen_modules or id(m) in shardable:
             continue
         seen_modules.add(id(m))
         for i, tensors in enumerate((m._parameters, m._buffers)):
@@ -174,14 +193,15 @@ def _tensor_bytes(module: nn.Module) -> List[int]:
     return total
 
 
-def reservation_inputs(reservation: Any, module: nn.Module, reserve: Callable[..., Any], sharders: List[Any]) -> Dict[str, Any]:
+def reservation_inputs(reservation: Any, module: nn.Module, tables: List[TableInfo], reserve: Callable[..., Any],
+                       sharders: List[Any]) -> Dict[str, Any]:
     """What decides the storage reservation. For TorchRec's own reservations that is their settings
-    plus the module's parameter/buffer bytes (cheap: no reservation runs on a warm start); for any
+    plus the dense parameter/buffer bytes (cheap: no reservation runs on a warm start); for any
     other reservation, its result (it runs)."""
     kind = _qualname(type(reservation))
     if type(reservation).__name__ in _KNOWN_RESERVATIONS and type(reservation).__module__.startswith("torchrec."):
         settings = {k: v for k, v in vars(reservation).items() if k in _SETTINGS}
-        params, buffers = _tensor_bytes(module)
-        return {"type": kind, "settings": settings, "param_bytes": params, "buffer_bytes": buffers}
+        params, buffers = _dense_bytes(module, {id(t.module) for t in tables})
+        return {"type": kind, "settings": settings, "dense_param_bytes": params, "dense_buffer_bytes": buffers}
     hbm, ddr = reserve(module, sharders)
     return {"type": kind, "hbm": hbm.tolist(), "ddr": ddr.tolist()}

@@ -46,10 +46,24 @@ class PlanCache:
     def path(self, key: str) -> Path:
         return self.plans / f"{key}.plan"
 
+    def _estimates_path(self, key: str) -> Path:
+        """Per-shard estimates beside the entry: large (a data-parallel table has one per rank) and only
+        needed by `FastPlanLoader` and exports, so a warm start never reads them."""
+        return self.plans / f"{key}.estimates"
+
+    def _read_estimates(self, key: str):
+        try:
+            return self._estimates_path(key).read_bytes()
+        except OSError:
+            return None
+
     def _warn_once(self, what: str, message: str, *args: Any) -> None:
         if what not in self._warned:
             self._warned.add(what)
             logger.warning(message, *args)
+
+    def close(self) -> None:
+        """Nothing to release: every call opens and closes its own files."""
 
     # ---- entries -----------------------------------------------------------------------------
     def get(self, key: str):
@@ -68,24 +82,28 @@ class PlanCache:
             entry = decode_plan(data, str(path), lazy=True)
             if entry.key != key:
                 raise PlanFileError(f"{path}: holds the plan for key {str(entry.key)[:12]}, not {key[:12]}")
+            entry._estimates = lambda: self._read_estimates(key)
             return entry
         except PlanFileError as e:
-            removed = self._remove(path)
+            removed = self.delete(key)
             logger.warning("fastplan: corrupt plan cache entry (%s); %s, replanning", e, "removed" if removed else "could not remove it")
             return None
 
     def put(self, key: str, plan: Any, *, report: Any = None, inputs: Optional[Dict[str, Any]] = None,
             estimates: Any = None) -> bool:
         """Store a plan under `key`; False (with one warning) when the directory cannot be written."""
-        from fastplan.planfile import PlanFileError, encode_plan, write_atomic
+        from fastplan.planfile import PlanFileError, encode_estimates, encode_plan, write_atomic
 
         try:
-            data = encode_plan(plan, report=report, inputs=inputs, key=key, estimates=estimates)
-        except PlanFileError as e:
+            data = encode_plan(plan, report=report, inputs=inputs, key=key)
+            sidecar = None if estimates is None else encode_estimates(estimates)
+        except (PlanFileError, TypeError) as e:
             logger.warning("fastplan: plan not cached: %s", e)
             return False
         try:
             self.plans.mkdir(parents=True, exist_ok=True)
+            if sidecar is not None:  # first, so an entry is never seen without its estimates
+                write_atomic(self._estimates_path(key), sidecar)
             write_atomic(self.path(key), data)
             return True
         except OSError as e:
@@ -102,6 +120,7 @@ class PlanCache:
             return False
 
     def delete(self, key: str) -> bool:
+        self._remove(self._estimates_path(key))
         return self.path(key).exists() and self._remove(self.path(key))
 
     def keys(self) -> List[str]:
@@ -114,7 +133,7 @@ class PlanCache:
         return self.path(key).is_file()
 
     def clear(self) -> int:
-        n = sum(self._remove(self.path(k)) for k in self.keys())
+        n = sum(self.delete(k) for k in self.keys())
         shutil.rmtree(self.directory / "locks", ignore_errors=True)
         return n
 
@@ -128,8 +147,10 @@ class PlanCache:
                 entry = decode_plan(self.path(key).read_bytes(), str(self.path(key)))
                 if entry.key != key:
                     raise PlanFileError(f"holds the plan for key {str(entry.key)[:12]}")
+                entry._estimates = lambda: self._read_estimates(key)
+                entry.estimates  # validated too
             except (OSError, PlanFileError) as e:
-                removed = self._remove(self.path(key))
+                removed = self.delete(key)
                 problems.append((key, f"{e} ({'removed' if removed else 'could not remove it'})"))
         return problems
 
@@ -195,30 +216,28 @@ class PlanCache:
         """Copy every valid entry to `directory/<key>.plan` (corrupt entries are removed, not shipped)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        bad = {k for k, _ in self.verify()}
+        self.verify()
         n = 0
         for key in self.keys():
-            if key not in bad:
-                shutil.copyfile(self.path(key), out / f"{key}.plan")
+            entry = self.get(key)
+            if entry is not None:
+                entry.dump(out / f"{key}.plan")  # one file: plan, report and estimates
                 n += 1
         return n
 
     def import_from(self, directory: os.PathLike) -> Tuple[int, List[str]]:
         """Copy the valid plan files of `directory` that carry a cache key; returns (count, problems)."""
-        from fastplan.planfile import PlanFileError, decode_plan, write_atomic
+        from fastplan.planfile import PlanFileError, decode_plan
 
         n, problems = 0, []
         for path in sorted(Path(directory).glob("*.plan")):
             try:
-                data = path.read_bytes()
-                entry = decode_plan(data, str(path))
+                entry = decode_plan(path.read_bytes(), str(path))
             except (OSError, PlanFileError) as e:
                 problems.append(f"{path.name}: skipped: {e}")
                 continue
             if entry.key is None or not _KEY.fullmatch(entry.key):
                 problems.append(f"{path.name}: skipped: it has no cache key (write it with 'fastplan plan --out')")
                 continue
-            self.plans.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path(entry.key), data)
-            n += 1
+            n += self.put(entry.key, entry.plan, report=entry.report, inputs=entry._inputs, estimates=entry.estimates)
         return n, problems

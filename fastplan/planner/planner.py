@@ -154,7 +154,7 @@ class FastShardingPlanner(ShardingPlanner):
 
         if tables is None:
             tables = collect_tables(module, sharders, self._topology.compute_device, self._batch_size, self._constraints)
-        reservation = reservation_inputs(self._storage_reservation, module, self._reserve, sharders)
+        reservation = reservation_inputs(self._storage_reservation, module, tables, self._reserve, sharders)
         return plan_inputs(tables, self._topology, reservation, self._batch_size, sharders, self._search_config,
                            self._timeout_seconds)
 
@@ -181,6 +181,7 @@ class FastShardingPlanner(ShardingPlanner):
                     if hit is None:
                         return self._plan_tables(module, sharders, tables, start, inputs)
             self.last_plan_file = hit
+            hit.inputs = inputs.to_raw()
             if hit.report is not None:
                 hit.report.planning_seconds = time.perf_counter() - start
                 hit.report.source = "cache"
@@ -222,8 +223,8 @@ class FastShardingPlanner(ShardingPlanner):
             from fastplan.planfile import PlanFile, estimates_from_options
 
             estimates = estimates_from_options(options or to_sharding_options(space, result.assignment, self._batch_size))
-            self.last_plan_file = PlanFile(plan, report, inputs.to_dict(), inputs.key, estimates)
-            self.cache.put(inputs.key, plan, report=report, inputs=self.last_plan_file.inputs, estimates=estimates)
+            self.last_plan_file = PlanFile(plan, report, inputs.to_raw(), inputs.key, estimates)
+            self.cache.put(inputs.key, plan, report=report, estimates=estimates)  # inputs: recomputed on each call
         self._finish(report)
         return plan
 
