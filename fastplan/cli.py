@@ -199,7 +199,9 @@ def cmd_cache(args) -> int:
     elif args.action == "export":
         if not args.arg:
             raise CliError("cache export needs a DIR")
-        _output("cache export", str(Path(args.arg) / "x"))  # DIR's parent must exist and DIR be writable
+        target = Path(args.arg)
+        if not target.is_dir():
+            _output("cache export", args.arg)  # it will be created: its parent must exist and be writable
         print(f"exported {cache.export_to(args.arg)} plan(s) to {args.arg}")
     elif args.action == "import":
         if not args.arg or not Path(args.arg).is_dir():
