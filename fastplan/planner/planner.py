@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch.distributed as dist
@@ -39,6 +39,10 @@ from fastplan.planner.search import SearchConfig, SearchResult, search
 from fastplan.planner.search_space import SearchSpace, from_sharding_options
 from fastplan.planner.stats import PlanReport, build_report
 from fastplan.planner.tables import TableInfo, check_constraint_values, shardable_names, unknown_constraint_tables
+
+if TYPE_CHECKING:
+    from fastplan.cache.fingerprint import PlanInputs
+    from fastplan.planfile import PlanFile
 
 logger = logging.getLogger("fastplan")
 _DEFAULT_CACHE = object()
@@ -100,6 +104,7 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         self.cache = cache or None
         self.last_report: Optional[PlanReport] = None
         self.last_key: Optional[str] = None
+        self.last_plan_file: Optional["PlanFile"] = None  # plan, report, inputs, key, estimates of the last cacheable plan
 
     @property
     def topology(self) -> Topology:
@@ -111,10 +116,15 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         module: nn.Module,
         sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
         pg: Optional[dist.ProcessGroup] = None,
+        *,
+        timeout: Optional[float] = None,
     ) -> ShardingPlan:
-        """Plan on every rank (deterministic, cached), then agree on a plan hash without any rank
-        waiting in a collective while another is still planning. See `fastplan.cache.agreement`."""
-        from fastplan.cache.agreement import agree_on_plan
+        """Plan on every rank (deterministic, cached), then agree on a plan hash through the process
+        group's store without any rank waiting in a collective while another is still planning.
+        `timeout` (default `fastplan.cache.agreement.DEFAULT_AGREEMENT_TIMEOUT_S`): seconds the ranks
+        wait for one another beyond the search budget `timeout_seconds`, counted from when the first
+        rank entered; then every rank raises naming the missing ranks."""
+        from fastplan.cache.agreement import DEFAULT_AGREEMENT_TIMEOUT_S, agree_on_plan
 
         if pg is None:
             if not dist.is_initialized():
@@ -124,7 +134,24 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
                 )
             pg = dist.GroupMember.WORLD
         sharders = sharders if sharders is not None else get_default_sharders()
-        return agree_on_plan(self, module, sharders, pg)
+        return agree_on_plan(self, module, sharders, pg, DEFAULT_AGREEMENT_TIMEOUT_S if timeout is None else timeout)
+
+    def planning_inputs(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]],
+                        tables: Optional[List[TableInfo]] = None) -> "PlanInputs":
+        """Everything that decides this planner's plan of `module`: the cache key, and what ranks compare."""
+        from fastplan.cache.fingerprint import plan_inputs, reservation_inputs
+
+        if tables is None:
+            if isinstance(self._enumerator, FastEnumerator):
+                tables = self._enumerator.collect(module, sharders)
+            else:
+                from fastplan.planner.tables import collect_tables
+
+                tables = collect_tables(module, sharders, self._topology.compute_device, self._batch_size,
+                                        self._constraints)
+        reservation = reservation_inputs(self._storage_reservation, module, tables, self._reserve, sharders)
+        return plan_inputs(tables, self._topology, reservation, self._batch_size, sharders, self._search_config,
+                           self._timeout_seconds)
 
     def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         start = time.perf_counter()
@@ -142,30 +169,31 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         if fast and not tables:
             self.last_report = None
             return ShardingPlan({})
-        key = None
-        # Callbacks, custom Stats, perf models and custom enumerators are opaque inputs: plan without the cache.
-        cacheable = fast and not (self._callbacks or self._rank_by_perf_model or self._custom_stats())
-        if self.cache is not None and self.cache.enabled and cacheable:
-            from fastplan.cache.fingerprint import plan_fingerprint, reservation_inputs
-
-            key = plan_fingerprint(
-                tables, self._topology, reservation_inputs(self._storage_reservation, module, self._reserve, sharders),
-                self._batch_size, sharders, self._constraints, self._search_config,
-            )
-            self.last_key = key
-            hit = self.cache.get(key)
+        inputs = None
+        self.last_plan_file = None
+        # Callbacks, custom Stats, perf models and custom enumerators or estimators are opaque inputs:
+        # plan without the cache.
+        cacheable = fast and not (
+            self._callbacks or self._rank_by_perf_model or self._custom_stats() or self._enumerator._custom_estimator
+        )
+        if self.cache is not None and cacheable:
+            inputs = self.planning_inputs(module, sharders, tables)
+            self.last_key = inputs.key
+            hit = self.cache.get(inputs.key)
             if hit is None:
-                with self.cache.lock(key):  # concurrent planners of one key: one computes, others read
-                    hit = self.cache.get(key)
+                with self.cache.lock(inputs.key):  # concurrent planners of one key: one computes, others read
+                    hit = self.cache.get(inputs.key)
                     if hit is None:
-                        return self._plan_tables(module, sharders, tables, start, key)
-            plan, report = hit
-            self._from_cache(module, sharders, tables, plan)
-            report.planning_seconds = time.perf_counter() - start
-            report.source = "cache"
-            self._finish(report)
-            return plan
-        return self._plan_tables(module, sharders, tables, start, key)
+                        return self._plan_tables(module, sharders, tables, start, inputs)
+            self.last_plan_file = hit
+            hit.inputs = inputs.to_raw()
+            self._from_cache(module, sharders, tables, hit.plan)
+            if hit.report is not None:
+                hit.report.planning_seconds = time.perf_counter() - start
+                hit.report.source = "cache"
+            self._finish(hit.report)
+            return hit.plan
+        return self._plan_tables(module, sharders, tables, start, inputs)
 
     # TorchRec's planner state after plan() (`_best_plan`, the enumerator's search space, the
     # reserved topology): on a cache hit it is rebuilt only when first read, so warm starts stay fast.
@@ -224,7 +252,8 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         )
         return np.array([[d.storage.hbm, d.storage.ddr, d.storage.ssd] for d in reserved.devices], dtype=np.int64)
 
-    def _plan_tables(self, module, sharders, tables: Optional[List[TableInfo]], start: float, key: Optional[str]) -> ShardingPlan:
+    def _plan_tables(self, module, sharders, tables: Optional[List[TableInfo]], start: float,
+                     inputs: Optional["PlanInputs"]) -> ShardingPlan:
         cap = self._reserve(module, sharders)
         space = self._search_space(module, sharders, tables)
         if not space.tables:
@@ -248,8 +277,12 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         self._num_proposals = self._num_plans = 1
         report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start)
         self._log_stats(plan, options, sharders, report.planning_seconds)
-        if key is not None:
-            self.cache.put(key, plan, report)
+        if inputs is not None:
+            from fastplan.planfile import PlanFile, estimates_from_options
+
+            estimates = estimates_from_options(options)
+            self.last_plan_file = PlanFile(plan, report, inputs.to_raw(), inputs.key, estimates)
+            self.cache.put(inputs.key, plan, report=report, estimates=estimates)
         self._finish(report)
         return plan
 
@@ -282,9 +315,9 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         rated = [(self._perf_model.rate(to_sharding_options(space, a, self._batch_size)), i) for i, a in enumerate(candidates)]
         return candidates[min(rated)[1]]
 
-    def _finish(self, report: PlanReport) -> None:
+    def _finish(self, report: Optional[PlanReport]) -> None:
         self.last_report = report
-        if self._debug:
+        if self._debug and report is not None:
             logger.info("\n%s", report.table())
 
     def _search_space(self, module: nn.Module, sharders, tables: Optional[List[TableInfo]]) -> SearchSpace:
