@@ -72,14 +72,17 @@ def run_process(cmd: List[str], timeout_s: float, log_path: Path) -> Exit:
     with open(log_path, "wb") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        pidfd = os.pidfd_open(proc.pid)
+        exited = False
         try:
-            exited, _, _ = select.select([pidfd], [], [], timeout_s)
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                exited = bool(select.select([pidfd], [], [], timeout_s)[0])
+            finally:
+                os.close(pidfd)
+        finally:  # also on Ctrl-C: no child outlives the benchmark
             if not exited:
                 proc.kill()  # not reaped yet, so the pid is still this child's
-        finally:
-            os.close(pidfd)
-        _, wait_status, usage = os.wait4(proc.pid, 0)
+            _, wait_status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = code = os.waitstatus_to_exitcode(wait_status)
     status = "ok" if code == 0 else f"timeout > {timeout_s:g} s" if not exited else f"failed (exit {code})"
@@ -289,13 +292,18 @@ def _status(run: Run) -> str:
     return run.status + (f", RSS {run.peak_rss_mb:.0f} MB" if run.status.startswith("timeout") else "")
 
 
+def _span(values: List[float]) -> str:
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return low if low == high else f"{low}-{high}"
+
+
 def legend(rows: List[Row], repeats: int) -> str:
     before = [r.rss_before_plan_mb for r in rows if r.rss_before_plan_mb is not None]
     lines = [
         f"cold: fastplan's first plan() in a fresh process, empty cache (median of {repeats}); warm: plan() again, cache hit",
         "CLI: `fastplan plan --tables SPEC --world-size N --out FILE`, process start to exit, empty cache",
         "RSS: peak resident memory of the planning process (interpreter, imports, model, planning)"
-        + (f"; fastplan's process holds {min(before):.0f}-{max(before):.0f} MB just before plan()" if before else ""),
+        + (f"; fastplan's process holds {_span(before)} MB just before plan()" if before else ""),
         "speedup: baseline time / fastplan cold; perf/fast: baseline max-rank perf / fastplan's (TorchRec's "
         "estimators, > 1 is worse than fastplan); perf/LB: fastplan's max-rank perf / its lower bound",
     ]
@@ -314,6 +322,7 @@ def plot(rows: List[Row], path: str) -> None:
 
     fig, (times, quality) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"fastplan": "o-", "cli": "o:", "torchrec": "s--", "dp": "^-."}
+    fill = {"fastplan": "full", "cli": "none", "torchrec": "none", "dp": "full"}  # DP's plan often equals the default's
     names = {"fastplan": "fastplan cold", "cli": "fastplan CLI", **BASELINES}
     for i, world in enumerate(sorted({r.ranks for r in rows})):
         mine = sorted((r for r in rows if r.ranks == world), key=lambda r: r.tables)
@@ -324,17 +333,20 @@ def plot(rows: List[Row], path: str) -> None:
             else:
                 pts = [(r.tables, getattr(r, key).seconds) for r in mine if getattr(r, key).seconds is not None]
             if pts:
-                times.plot(*zip(*pts), styles[key], color=color, label=f"{names[key]}, {world} ranks")
+                times.plot(*zip(*pts), styles[key], color=color, fillstyle=fill[key], label=f"{names[key]}, {world} ranks")
             if key != "cli":
                 pts = [(r.tables, getattr(r, key).perf / r.lower_bound) for r in mine
                        if getattr(r, key).perf is not None and r.lower_bound]
                 if pts:
-                    quality.plot(*zip(*pts), styles[key], color=color, label=f"{names[key]}, {world} ranks")
-    times.set(xscale="log", yscale="log", xlabel="tables", ylabel="seconds", title="planning time")
-    quality.set(xscale="log", xlabel="tables", ylabel="max-rank perf / fastplan lower bound",
-                title="plan quality (TorchRec's estimators; 1 = optimal)")
+                    quality.plot(*zip(*pts), styles[key], color=color, fillstyle=fill[key], label=f"{names[key]}, {world} ranks")
+    times.set(yscale="log", ylabel="seconds", title="planning time")
+    quality.set(ylabel="max-rank perf / fastplan's lower bound", title="plan quality (TorchRec's estimators; 1 = at the bound)")
     quality.axhline(1.0, color="grey", linewidth=0.8)
+    sizes = sorted({r.tables for r in rows})
     for ax in (times, quality):
+        ax.set(xscale="log", xlabel="tables")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -358,9 +370,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--world-sizes", type=_positive(int), nargs="+", metavar="N", default=[8, 16], help="ranks")
     ap.add_argument("--torchrec-max", type=int, default=200, help="largest table count TorchRec's default planner runs for (0: never)")
     ap.add_argument("--dp-max", type=int, default=1000, help="largest table count TorchRec with DynamicProgrammingProposer runs for")
-    ap.add_argument("--torchrec-timeout", type=_positive(float), default=600, help="seconds before a TorchRec default run is killed")
-    ap.add_argument("--dp-timeout", type=_positive(float), default=600, help="seconds before a TorchRec DP run is killed")
-    ap.add_argument("--fastplan-timeout", type=_positive(float), default=600, help="seconds before a fastplan or CLI run is killed")
+    ap.add_argument("--torchrec-timeout", type=_positive(float), default=600, help="seconds before a TorchRec default process (imports included) is killed")
+    ap.add_argument("--dp-timeout", type=_positive(float), default=600, help="seconds before a TorchRec DP process is killed")
+    ap.add_argument("--fastplan-timeout", type=_positive(float), default=600, help="seconds before a fastplan or CLI process is killed")
     ap.add_argument("--repeats", type=_positive(int), default=3, help="fresh fastplan processes (and CLI runs) per size; medians")
     ap.add_argument("--score-max", type=int, default=5000, help="largest table count whose plans are scored with TorchRec's estimators")
     ap.add_argument("--plot", default="plan_time.png", help="PNG: time and quality panels ('' for none)")
