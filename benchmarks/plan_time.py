@@ -85,7 +85,12 @@ def run_process(cmd: List[str], timeout_s: float, log_path: Path) -> Exit:
             _, wait_status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = code = os.waitstatus_to_exitcode(wait_status)
-    status = "ok" if code == 0 else f"timeout > {timeout_s:g} s" if not exited else f"failed (exit {code})"
+    if code == 0:
+        status = "ok"
+    elif not exited:
+        status = f"timeout > {timeout_s:g} s"
+    else:  # a signal we did not send is most often the OOM killer's
+        status = f"failed (signal {-code})" if code < 0 else f"failed (exit {code})"
     if status.startswith("failed"):
         tail = log_path.read_text(errors="replace")[-2000:]
         print(f"plan_time: {' '.join(map(str, cmd))} {status}:\n{tail}", file=sys.stderr)

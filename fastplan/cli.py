@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -184,6 +185,7 @@ def cmd_explain(args) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=1)
 def _plan_time():
     """benchmarks/plan_time.py of the repository checkout (not part of the installed package), or None."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "plan_time.py"
