@@ -226,8 +226,11 @@ def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
 
     if row.plans and tables <= args.score_max:
         progress(f"{tables} tables / {world} ranks: scoring {len(row.plans)} plan(s) with TorchRec's estimators")
-        for planner, perf in torchrec_perf(tables, world, row.plans).items():
-            getattr(row, planner).perf = perf
+        try:
+            for planner, perf in torchrec_perf(tables, world, row.plans).items():
+                getattr(row, planner).perf = perf
+        except ValueError as e:  # keep the timings of a long run; say which plan could not be scored
+            progress(f"{tables} tables / {world} ranks: not scored: {e}")
     return row
 
 
