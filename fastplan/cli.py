@@ -7,7 +7,9 @@ imported by the commands that need them.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -23,7 +25,7 @@ EPILOG = {
     "cache": "example: fastplan cache list; fastplan cache verify; fastplan cache export /shared/plans; "
              "fastplan cache import /shared/plans",
     "explain": "example: fastplan explain model.plan --plot plan.png",
-    "bench": "example: fastplan bench --sizes 50 500 --world-sizes 8 --torchrec-max 50 --plot bench.png",
+    "bench": "example: fastplan bench --sizes 20 50 500 --world-sizes 8 --torchrec-max 50 --dp-timeout 120 --plot bench.png",
 }
 
 
@@ -246,38 +248,23 @@ def cmd_explain(args) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=1)
+def _plan_time():
+    """benchmarks/plan_time.py of the repository checkout (not part of the installed package), or None."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "plan_time.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("plan_time", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def cmd_bench(args) -> int:
-    from tqdm import tqdm
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        import plan_time
-    except ImportError as e:
-        raise CliError("fastplan bench needs the repository's benchmarks/ folder") from e
-    total = len(args.sizes) * len(args.world_sizes)
-    with tqdm(total=total, desc="planning") as bar:
-        rows = plan_time.run(args.sizes, args.world_sizes, args.torchrec_max, progress=lambda r: bar.update(1))
-    print(plan_time.HEADER)
-    for r in rows:
-        print(plan_time.format_row(r))
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for world in args.world_sizes:
-            mine = [r for r in rows if r["world"] == world]
-            ax.plot([r["tables"] for r in mine], [r["fast_cold_s"] for r in mine], "o-", label=f"fastplan, {world} ranks")
-            theirs = [r for r in mine if r["torchrec_s"] is not None]
-            if theirs:
-                ax.plot([r["tables"] for r in theirs], [r["torchrec_s"] for r in theirs], "s--", label=f"TorchRec, {world} ranks")
-        ax.set(xscale="log", yscale="log", xlabel="tables", ylabel="planning time (s)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot)
-        print(f"wrote {args.plot}")
+    plan_time = _plan_time()
+    if plan_time is None:
+        raise CliError("fastplan bench needs the repository's benchmarks/ folder")
+    plan_time.execute(args)
     return 0
 
 
@@ -311,11 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", help="write a PNG bar chart of per-rank perf and memory")
     e.set_defaults(fn=cmd_explain)
 
-    b = sub.add_parser("bench", help="planning time vs TorchRec", epilog=EPILOG["bench"])
-    b.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 500, 1000])
-    b.add_argument("--world-sizes", type=int, nargs="+", default=[8])
-    b.add_argument("--torchrec-max", type=int, default=100)
-    b.add_argument("--plot", default="bench.png")
+    b = sub.add_parser("bench", help="planning time, quality and memory vs TorchRec (default and DP)", epilog=EPILOG["bench"])
+    plan_time = _plan_time()
+    if plan_time is not None:
+        plan_time.add_arguments(b)
     b.set_defaults(fn=cmd_bench)
     return ap
 

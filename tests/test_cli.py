@@ -103,3 +103,19 @@ def test_a_mistake_is_one_line_naming_the_field(tmp_path, capsys, args, field):
 def test_cache_export_into_a_missing_parent_is_refused(tmp_path, capsys):
     assert main(["cache", "export", str(tmp_path / "no" / "such"), "--cache-dir", str(tmp_path)]) == 2
     assert "directory" in capsys.readouterr().err
+
+
+def test_bench_compares_with_torchrec_and_plots(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "fastplan.cli", "bench", "--sizes", "10", "--world-sizes", "2", "--torchrec-max", "10",
+         "--dp-max", "0", "--repeats", "1", "--plot", str(tmp_path / "b.png")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "FASTPLAN_CACHE_DIR": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = [line for line in out.stdout.splitlines() if line.split()[:2] == ["10", "2"]][0]
+    _, _, torchrec, dp = row.split(" | ")
+    torchrec_perf_over_fastplan = float(torchrec.split()[2])
+    assert torchrec_perf_over_fastplan >= 1.0  # TorchRec's plan is not better than fastplan's
+    assert dp.strip() == "skipped (cap 0 tables)"
+    assert (tmp_path / "b.png").stat().st_size > 1000
