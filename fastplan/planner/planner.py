@@ -223,8 +223,10 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         self._pending = (module, sharders, tables, plan)
         self._enumerator.defer(self._materialize)
         self._num_proposals = self._num_plans = 1
-        # Stats are not re-logged for a cached plan: that would rebuild every option (~0.1 s at 500
-        # tables, 5x the warm start). The report (debug=True) says the plan came from the cache.
+        # Logging Stats rebuilds every option (~0.1 s at 500 tables, 5x the warm start): done with
+        # debug=True (TorchRec's default, which tools reading Stats expect), skipped with debug=False.
+        if self._stats and self._debug:
+            self._log_stats(plan, self._best_plan, sharders, 0.0)
 
     def _materialize(self) -> None:
         from fastplan.planner.plan_builder import assignment_from_plan
