@@ -160,6 +160,8 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         if self._use_torchrec_loop:
             self.last_report = None
             return super().plan(module, sharders)
+        if _names_unmodelled_sharding(self._constraints):
+            return self._plan_with_torchrec_search(module, sharders)
         # Planning allocates many small acyclic objects; with a large model in memory each full
         # collection they trigger walks the whole heap (warm 5,000 tables: 90 ms, 300 ms with it).
         gc_was_enabled = gc.isenabled()
@@ -253,6 +255,20 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         self._best_plan_value = to_sharding_options(space, assignment_from_plan(space, plan), self._batch_size)
 
     # ---- internals ---------------------------------------------------------------------------
+    def _plan_with_torchrec_search(self, module: nn.Module, sharders) -> ShardingPlan:
+        """TorchRec's own enumerator and search, for sharding types fastplan does not model."""
+        from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+
+        logger.warning("fastplan: a constraint asks for grid_shard, which fastplan does not model: "
+                       "planning with TorchRec's own search (slower)")
+        self.last_report = None
+        fast_enumerator = self._enumerator
+        self._enumerator = EmbeddingEnumerator(self._topology, self._batch_size, self._constraints)
+        try:
+            return super().plan(module, sharders)
+        finally:
+            self._enumerator = fast_enumerator
+
     def _custom_stats(self) -> bool:
         from torchrec.distributed.planner.stats import EmbeddingStats, NoopEmbeddingStats
 
@@ -344,6 +360,10 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         options = self._enumerator.enumerate(module=module, sharders=sharders)
         all_tables = collect_tables(module, sharders, topo.compute_device, self._batch_size, self._constraints)
         return from_sharding_options(all_tables, options, topo.world_size, topo.local_world_size, topo.intra_group_size)
+
+
+def _names_unmodelled_sharding(constraints: Optional[Dict[str, ParameterConstraints]]) -> bool:
+    return any(c.sharding_types and "grid_shard" in c.sharding_types for c in (constraints or {}).values())
 
 
 def _batch_size_default() -> int:
