@@ -5,8 +5,10 @@
 One line per run: rows/s propagated (rows written / time until the last step was on every
 replica), propagation latency p50/p99 from a step's write to every replica holding it, wire bytes
 (everything every node sent, handshakes and requests included) over the changed rows' values x
-replicas, convergence (sha256 of every replica = trainer), CPU cores busy during the stream (all processes), peak RSS
-of the largest process. Then high-priority latency under a bandwidth cap, priority scheduler vs FIFO.
+replicas, convergence (sha256 of every replica = trainer), CPU cores busy during the stream (all
+processes), peak RSS of the largest process. "of bound": rows/s over the hardware bound measured
+first in the same run (loopback TCP bytes/s / (row bytes x replicas): the source sends every row to
+every replica). Then high-priority latency under a bandwidth cap, priority scheduler vs FIFO.
 
     python benchmarks/updates.py
     python benchmarks/updates.py --loads 1000000 --duration 5
@@ -17,8 +19,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+import threading
+import time
 import warnings
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,7 +37,41 @@ def pct(values, q):
     return values[min(len(values) - 1, int(len(values) * q))] * 1000 if values else float("nan")
 
 
-def summarize(name: str, cfg: StreamConfig, results) -> dict:
+def loopback_bytes_per_s(total: int = 512 << 20, chunk: int = 4 << 20) -> float:
+    """What one TCP stream on 127.0.0.1 carries here (sender and receiver threads, no framing)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    conn, _ = server.accept()
+    buf = np.ones(chunk, np.uint8)
+
+    def send() -> None:
+        for _ in range(total // chunk):
+            client.sendall(buf)
+
+    sink = bytearray(chunk)
+    t = time.perf_counter()
+    sender = threading.Thread(target=send)
+    sender.start()
+    got = 0
+    while got < total:
+        got += conn.recv_into(sink)
+    sender.join()
+    elapsed = time.perf_counter() - t
+    for s in (conn, client, server):
+        s.close()
+    return total / elapsed
+
+
+def memcpy_bytes_per_s(total: int = 256 << 20) -> float:
+    src, dst = np.ones(total, np.uint8), np.empty(total, np.uint8)
+    np.copyto(dst, src)
+    t = time.perf_counter()
+    for _ in range(4):
+        np.copyto(dst, src)
+    return 4 * total / (time.perf_counter() - t)
+
+
+def summarize(name: str, cfg: StreamConfig, results, bound_rows_per_s: float) -> dict:
     trainer = results["trainer"]
     nodes = list(results["replicas"].values()) + [trainer]
     writes = trainer["writes"]
@@ -44,6 +85,7 @@ def summarize(name: str, cfg: StreamConfig, results) -> dict:
         "run": name,
         "offered rows/s": cfg.rows_per_s,
         "rows/s": trainer["rows_written"] / span,
+        "of bound": trainer["rows_written"] / span / bound_rows_per_s,
         "p50 ms": pct(lat, 0.5),
         "p99 ms": pct(lat, 0.99),
         "hot p50 ms": pct(hot, 0.5),
@@ -76,9 +118,14 @@ def main(argv=None) -> None:
         for policy in ("priority", "fifo"):
             runs.append((f"cap+{policy}", StreamConfig(**base, rows_per_s=args.cap_load, scheduler=policy, log_rows=True,
                                                        bandwidth_bytes_per_s=args.cap_kbps * 1000)))
+    tcp, mem = loopback_bytes_per_s(), memcpy_bytes_per_s()
+    row_bytes = args.dim * 4
+    bound = tcp / (row_bytes * args.replicas)  # the source sends every changed row to every replica
+    print(f"hardware: loopback TCP {tcp / 1e9:.2f} GB/s, memcpy {mem / 1e9:.2f} GB/s -> bound "
+          f"{bound / 1e6:.2f} M rows/s of {row_bytes} B to {args.replicas} replicas from one source", flush=True)
     first = True
     for name, cfg in runs:
-        r = summarize(name, cfg, run_stream(cfg))
+        r = summarize(name, cfg, run_stream(cfg), bound)
         if first:
             print(" ".join(f"{k:>14}" for k in r))
             first = False

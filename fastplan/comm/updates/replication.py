@@ -90,6 +90,18 @@ def _kv(port: int):
     return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
 
 
+def wait_keys(kv, keys: List[str], timeout_s: float, whom: str) -> None:
+    """Wait until every key is set in the rendezvous store; on timeout name whom and which keys."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [k for k in keys if not kv.check([k])]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {whom}: {missing} never set")
+        time.sleep(0.01)
+
+
 def _usage() -> Dict:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return {"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": r.ru_maxrss / 1024}
@@ -115,9 +127,9 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
         store.track_importance()
     plan = step_rows(cfg)
     rng = np.random.default_rng(cfg.seed + 2)
-    shifts = torch.from_numpy(rng.standard_normal((cfg.steps, cfg.num_tables, cfg.dim)).astype(np.float32))
+    shifts = rng.standard_normal((cfg.steps, cfg.num_tables, cfg.dim)).astype(np.float32)
     node = _node(0, cfg, kv, store, source=True)
-    kv.wait([f"ekko/ready/{r}" for r in range(1, cfg.replicas + 1)], timedelta(seconds=120))
+    wait_keys(kv, [f"ekko/ready/{r}" for r in range(1, cfg.replicas + 1)], 120, "replicas to start")
     deadline = time.monotonic() + 60
     while len(node.peers()) < cfg.replicas and time.monotonic() < deadline:  # every replica is pulling
         time.sleep(0.01)
@@ -137,10 +149,10 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
         scale = 3.0 if hot else 0.01
         updates = {}
         for t, key in enumerate(keys):
-            rows = torch.from_numpy(plan[step][t])
+            rows = plan[step][t]
             if hot and cfg.scheduler == "priority":
-                store.record_reads(key, rows.repeat(20))
-            updates[key] = (rows, tables[key].index_select(0, rows).add_(scale * shifts[step, t]))
+                store.record_reads(key, np.tile(rows, 20))
+            updates[key] = (rows, tables[key].numpy()[rows] + scale * shifts[step, t])
         node.publish(updates)
         writes.append((step, time.time(), hot))
         if hot:
@@ -181,7 +193,7 @@ def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> N
 
     node = _node(rank, cfg, kv, store, source=False, on_apply=log)
     kv.set(f"ekko/ready/{rank}", "1")
-    kv.wait(["ekko/start"], timedelta(seconds=120))
+    wait_keys(kv, ["ekko/start"], 120, "the trainer to start the stream")
     start = float(kv.get("ekko/start").decode())
     usage_at_start, stream_cpu = _usage(), None
     stream_s = cfg.steps / cfg.steps_per_s
@@ -239,6 +251,11 @@ def run_stream(cfg: StreamConfig) -> Dict:
             try:
                 role, rank, data = out.get(timeout=0.2)
             except queue_mod.Empty:
+                reported = set(results["replicas"]) | ({0} if "trainer" in results else set())
+                dead = [r for r, p in procs.items() if r not in reported and p.exitcode not in (None, 0)
+                        and not (r == k and not results["restarted"])]
+                if dead:
+                    raise RuntimeError(f"ekko stream failed: ranks {dead} exited with {[procs[r].exitcode for r in dead]}")
                 continue
             if role == "trainer":
                 results["trainer"] = data

@@ -40,8 +40,8 @@ def as_rows(values, spec: ShardSpec) -> np.ndarray:
     """Values (n, cols) of a shard as raw rows (a copy the caller may not change under us)."""
     if isinstance(values, np.ndarray) and values.dtype == np.dtype((np.void, spec.row_bytes)):
         return np.array(values, copy=True)
-    t = torch.as_tensor(values).detach().to(spec.dtype).reshape(-1, spec.cols).contiguous().clone()
-    return row_view(t)
+    t = torch.as_tensor(values).detach().to(spec.dtype).reshape(-1, spec.cols).contiguous()
+    return row_view(t).copy()  # a numpy copy: torch's own copy is slow on a busy host with intra-op threads
 
 
 def as_tensor(rows: np.ndarray, spec: ShardSpec) -> torch.Tensor:

@@ -272,8 +272,8 @@ class SyncNode:
             mine = shared is None or shared.key != (a.since, version)
             if mine:
                 shared = self._encoded[a.shard] = _Shared((a.since, version))
-        if not mine:
-            shared.done.wait()
+        if not mine:  # another server thread is encoding it; past the deadline, encode our own
+            shared.done.wait(self.config.timeout_s)
             return shared.part or self._build(a)
         try:
             shared.part = self._build(a)
