@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from fastplan.comm.updates.replication import _kv, _usage, wait_keys
+from fastplan.comm.updates.replication import quiet, rendezvous, usage, wait_keys
 
 TRAINERS = 2
 PREFIX = "online"
@@ -69,17 +69,6 @@ class _Model(torch.nn.Module):
         return self.dense(self.sparse(kjt).values())
 
 
-def _quiet() -> None:
-    """TorchRec's planner and DDP notices are not news here; peer faults still log (fastplan.ekko)."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger().setLevel(logging.WARNING)
-    for name in ("torchrec", "torch", "fastplan.planner"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> None:
     import torch.distributed as dist
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -94,9 +83,9 @@ def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> N
     from fastplan.comm.updates.shard_store import ShardStore
     from fastplan.comm.updates.sync import SyncNode
 
-    _quiet()
+    quiet()
     torch.set_num_threads(1)
-    kv = _kv(kv_port)
+    kv = rendezvous(kv_port)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{pg_port}", rank=rank, world_size=TRAINERS,
                             timeout=timedelta(seconds=120))
     torch.manual_seed(cfg.seed)
@@ -122,13 +111,14 @@ def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> N
     deadline = time.monotonic() + 60
     while len(node.peers()) < cfg.replicas:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"trainer {rank}: replicas never connected (connected: {sorted(node.peers())})")
+            missing = sorted(set(range(TRAINERS, TRAINERS + cfg.replicas)) - node.peers())
+            raise TimeoutError(f"trainer {rank}: replicas (sync ranks) {missing} did not connect within 60 s")
         time.sleep(0.01)
     dist.barrier()
     rng = np.random.default_rng(cfg.seed + 1 + rank)
     steps = []  # (step, time published, {shard index: version}, rows published)
     losses = []
-    usage0 = _usage()
+    usage0 = usage()
     t0 = time.time()
     for step in range(cfg.steps):
         loss = dmp(batch(cfg, rng, cfg.batch_size)).pow(2).mean()
@@ -143,7 +133,7 @@ def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> N
         losses.append(float(loss))
         del versions
     train_s = time.time() - t0
-    cpu_s = _usage()["cpu_s"] - usage0["cpu_s"]
+    cpu_s = usage()["cpu_s"] - usage0["cpu_s"]
     drift = [k for k, d in shard_digests(live).items() if d != shard_digests(store.tensors())[k]]
     kv.set(f"{PREFIX}/final/{rank}", json.dumps({"digests": shard_digests(store.tensors()),
                                                  "versions": {f"{k[0]}/{k[1]}": v for k, v in store.versions().items()}}))
@@ -165,7 +155,7 @@ def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> N
     dist.destroy_process_group()
     out.put(("trainer", rank, {"steps": steps, "losses": losses, "train_s": train_s, "cpu_s": cpu_s,
                                "tracker_missed": drift, "converged": converged, "stats": asdict(node.stats),
-                               "errors": [asdict(e) for e in node.errors], "peak_rss_mb": _usage()["peak_rss_mb"]}))
+                               "errors": [asdict(e) for e in node.errors], "peak_rss_mb": usage()["peak_rss_mb"]}))
 
 
 def _replica(index: int, cfg: OnlineConfig, kv_port: int, out) -> None:
@@ -173,9 +163,9 @@ def _replica(index: int, cfg: OnlineConfig, kv_port: int, out) -> None:
     from fastplan.comm.updates.shard_store import ShardStore
     from fastplan.comm.updates.sync import SyncNode
 
-    _quiet()
+    quiet()
     torch.set_num_threads(1)
-    kv = _kv(kv_port)
+    kv = rendezvous(kv_port)
     wait_keys(kv, [f"{PREFIX}/layout"], 120, "trainer rank 0 to publish the shard layout")
     layout = layout_from_json(kv.get(f"{PREFIX}/layout").decode())
     model = _Model(cfg).sparse
@@ -224,7 +214,7 @@ def _replica(index: int, cfg: OnlineConfig, kv_port: int, out) -> None:
     server.join(timeout=10)
     node.stop()
     out.put(("replica", index, {"applied": applied, "served": served, "stats": asdict(node.stats), **result,
-                                "errors": [asdict(e) for e in node.errors], "peak_rss_mb": _usage()["peak_rss_mb"]}))
+                                "errors": [asdict(e) for e in node.errors], "peak_rss_mb": usage()["peak_rss_mb"]}))
 
 
 def _free_port() -> int:

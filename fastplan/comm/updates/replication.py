@@ -84,10 +84,21 @@ def step_rows(cfg: StreamConfig) -> List[List[np.ndarray]]:
     return out
 
 
-def _kv(port: int):
+def rendezvous(port: int):
     import torch.distributed as dist
 
     return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+
+
+def quiet() -> None:
+    """TorchRec's planner and DDP notices are not news here; peer faults still log (fastplan.ekko)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("torchrec", "torch", "fastplan.planner"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def wait_keys(kv, keys: List[str], timeout_s: float, whom: str) -> None:
@@ -102,7 +113,7 @@ def wait_keys(kv, keys: List[str], timeout_s: float, whom: str) -> None:
         time.sleep(0.01)
 
 
-def _usage() -> Dict:
+def usage() -> Dict:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return {"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": r.ru_maxrss / 1024}
 
@@ -120,8 +131,9 @@ def _node(rank: int, cfg: StreamConfig, kv, store, source: bool, on_apply=None):
 
 
 def _trainer(cfg: StreamConfig, port: int, out) -> None:
+    quiet()
     torch.set_num_threads(1)
-    kv = _kv(port)
+    kv = rendezvous(port)
     store = initial_store(cfg)
     if cfg.scheduler == "priority":
         store.track_importance()
@@ -131,7 +143,10 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
     node = _node(0, cfg, kv, store, source=True)
     wait_keys(kv, [f"ekko/ready/{r}" for r in range(1, cfg.replicas + 1)], 120, "replicas to start")
     deadline = time.monotonic() + 60
-    while len(node.peers()) < cfg.replicas and time.monotonic() < deadline:  # every replica is pulling
+    while len(node.peers()) < cfg.replicas:  # every replica is pulling
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(1, cfg.replicas + 1)) - node.peers())
+            raise TimeoutError(f"trainer: replicas {missing} did not connect within 60 s")
         time.sleep(0.01)
     keys = store.keys()
     tables = store.tensors()
@@ -140,7 +155,7 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
     period = 1.0 / cfg.steps_per_s
     start = time.monotonic()
     kv.set("ekko/start", str(time.time()))
-    usage_at_start = _usage()
+    usage_at_start = usage()
     for step in range(cfg.steps):
         delay = start + step * period - time.monotonic()
         if delay > 0:
@@ -157,7 +172,7 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
         writes.append((step, time.time(), hot))
         if hot:
             hot_rows[step] = [r.tolist() for r in plan[step]]
-    stream_usage = _usage()
+    stream_usage = usage()
     final = store.checksum()
     kv.set("ekko/final", final)
     kv.set("ekko/final_version", str(cfg.steps))
@@ -173,13 +188,14 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
     node.stop()
     out.put(("trainer", 0, {"writes": writes, "hot_rows": hot_rows, "stats": asdict(node.stats), "checksum": final,
                             "converged": converged, "errors": [asdict(e) for e in node.errors],
-                            "rows_written": int(sum(len(r) for s in plan for r in s)), **_usage(),
+                            "rows_written": int(sum(len(r) for s in plan for r in s)), **usage(),
                             "stream_cpu_s": stream_usage["cpu_s"] - usage_at_start["cpu_s"]}))
 
 
 def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> None:
+    quiet()
     torch.set_num_threads(1)
-    kv = _kv(port)
+    kv = rendezvous(port)
     store = initial_store(cfg)
     applied = []  # (shard, shard version after, time)
     row_log = []  # (shard, time, rows, row versions) when cfg.log_rows
@@ -195,7 +211,7 @@ def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> N
     kv.set(f"ekko/ready/{rank}", "1")
     wait_keys(kv, ["ekko/start"], 120, "the trainer to start the stream")
     start = float(kv.get("ekko/start").decode())
-    usage_at_start, stream_cpu = _usage(), None
+    usage_at_start, stream_cpu = usage(), None
     stream_s = cfg.steps / cfg.steps_per_s
     done = False
     while not kv.check(["ekko/stop"]):
@@ -205,7 +221,7 @@ def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> N
         if rank == cfg.stall_replica and elapsed > stream_s / 3:
             node.serving = False  # alive, but stops answering its peers
         if stream_cpu is None and kv.check(["ekko/final"]):
-            stream_cpu = _usage()["cpu_s"] - usage_at_start["cpu_s"]
+            stream_cpu = usage()["cpu_s"] - usage_at_start["cpu_s"]
         if not done and kv.check(["ekko/final"]):
             final_version = int(kv.get("ekko/final_version").decode())
             if min(store.versions().values()) >= final_version and store.checksum() == kv.get("ekko/final").decode():
@@ -214,7 +230,7 @@ def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> N
         time.sleep(0.01)
     node.stop()
     out.put(("replica", rank, {"applied": applied, "row_log": row_log, "stats": asdict(node.stats), "converged": done,
-                               "restarted": restarted, "errors": [asdict(e) for e in node.errors], **_usage(),
+                               "restarted": restarted, "errors": [asdict(e) for e in node.errors], **usage(),
                                "stream_cpu_s": stream_cpu or 0.0}))
 
 

@@ -164,7 +164,7 @@ class SyncNode:
     def peers(self) -> Set[int]:
         """Ranks of the peers connected and authenticated to this node's server."""
         with self._lock:
-            return set(self._authenticated)
+            return set(self._authenticated.values())
 
     def _fault(self, rank: int, what: str) -> None:
         if self._stop.is_set():
