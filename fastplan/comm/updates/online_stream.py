@@ -69,6 +69,12 @@ class _Model(torch.nn.Module):
         return self.dense(self.sparse(kjt).values())
 
 
+def pooled_bytes(pooled) -> bytes:
+    """Pooled embeddings by feature name (a sharded EBC orders its output keys by sharding type)."""
+    per_key = pooled.to_dict()
+    return b"".join(per_key[k].detach().contiguous().numpy().astype("<f4").tobytes() for k in sorted(per_key))
+
+
 def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> None:
     import torch.distributed as dist
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -142,7 +148,7 @@ def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> N
         pooled = dmp.module.sparse(batch(cfg, eval_rng, cfg.serve_batch))
         pooled = pooled.wait() if hasattr(pooled, "wait") else pooled
     if rank == 0:
-        kv.set(f"{PREFIX}/expected", pooled.values().contiguous().numpy().astype("<f4").tobytes())
+        kv.set(f"{PREFIX}/expected", pooled_bytes(pooled))
     converged = []
     deadline = time.monotonic() + cfg.converge_timeout_s
     while time.monotonic() < deadline and len(converged) < cfg.replicas:
@@ -204,8 +210,7 @@ def _replica(index: int, cfg: OnlineConfig, kv_port: int, out) -> None:
             if not result["missing"]:
                 expected = np.frombuffer(kv.get(f"{PREFIX}/expected"), "<f4")
                 with store.lock, torch.no_grad():
-                    got = model(batch(cfg, np.random.default_rng(cfg.seed + 99), cfg.serve_batch)).values()
-                got = got.contiguous().numpy().ravel()
+                    got = np.frombuffer(pooled_bytes(model(batch(cfg, np.random.default_rng(cfg.seed + 99), cfg.serve_batch))), "<f4")
                 result.update(converged=True, outputs_equal=bool(np.array_equal(got, expected)),
                               max_abs_diff=float(np.abs(got - expected).max()))
                 kv.set(f"{PREFIX}/converged/{index}", "1")
