@@ -22,7 +22,7 @@ def test_trained_rows_reach_every_replica_which_serves_throughout_and_ends_equal
         assert rep["converged"] and rep["missing"] == []
         assert rep["outputs_equal"], rep["max_abs_diff"]
         assert rep["errors"] == []
-        t_first, t_last = min(t for _, t, _ in rep["applied"]), max(t for _, t, _ in rep["applied"])
+        t_first, t_last = min(t for *_, t in rep["applied"]), max(t for *_, t in rep["applied"])
         assert sum(t_first <= t <= t_last for t, _ in rep["served"]) > 0  # answered while updates landed
     assert len(step_latencies(r)) == sum(len(t["steps"]) for t in trainers)
 
