@@ -111,3 +111,28 @@ def test_rollback_restores_the_exact_earlier_bytes_and_stops_serving_undone_chan
     follower = store()
     follower.apply_delta(replica.delta_since(0, 0))
     assert torch.equal(weights(follower), good_bytes)
+
+
+def test_a_replica_relays_rows_newer_than_its_shard_version_and_the_receiver_still_converges():
+    from dataclasses import replace
+
+    import numpy as np
+
+    from fastplan.comm.updates.wire import decode_delta_reply, encode_delta_reply, encode_part
+
+    trainer, a, b = store(), store(), store()
+    trainer.apply_update(KEY, torch.tensor([1, 2]), torch.ones(2, 4))  # v1
+    a.apply_delta(trainer.delta_since(0, 0))
+    trainer.apply_update(KEY, torch.tensor([2]), torch.full((1, 4), 2.0))  # v2
+    trainer.apply_update(KEY, torch.tensor([5]), torch.full((1, 4), 3.0))  # v3
+    d = trainer.delta_since(0, 1)
+    a.apply_delta(replace(d, rows=d.rows[:1], values=d.values[:1], row_versions=d.row_versions[:1], complete=False))
+    bufs = encode_delta_reply([encode_part(a.delta_since(0, 0))])  # a at v1 holds row 2 at v2
+    body = b"".join(x.tobytes() if isinstance(x, np.ndarray) else bytes(x) for x in bufs)
+    (relay,) = decode_delta_reply(memoryview(body), 1, a.layout)
+    assert relay.version == 1 and relay.row_versions.tolist() == [1, 2]
+    b.apply_delta(relay)
+    rest = trainer.delta_since(0, 1, *b.known_beyond(0))
+    assert rest.rows.tolist() == [5]  # b told the trainer it already has row 2 at v2
+    b.apply_delta(rest)
+    assert torch.equal(weights(b), weights(trainer)) and b.versions() == {KEY: 3}

@@ -265,9 +265,10 @@ class ShardStore:
             elif d.version > old:
                 # A replica serves its peers too: remember which rows this version brought.
                 brought = np.unique(np.concatenate([d.rows, *s.partial])) if s.partial else d.rows
-                s.partial.clear()
                 s.version = d.version
                 self._cache_add(s, d.version, brought)
+                beyond = brought[s.row_versions[brought] > s.version]  # relayed from a peer's partial rows
+                s.partial = [beyond] if len(beyond) else []
             self.changed.notify_all()
             return True
 
