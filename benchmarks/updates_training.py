@@ -5,7 +5,8 @@ while a thread on each keeps answering requests.
 
 One line: training steps/s, rows published/s, propagation latency p50/p99 (a step published ->
 every replica holds every shard it changed), serving requests/s and latency p50/p99 per replica
-while updates land, wire bytes over changed rows x replicas, peak RSS, and the final check:
+while updates land, wire bytes over what had to travel (changed rows x replicas, plus the whole
+shards each replica first syncs), peak RSS, and the final check:
 every replica's shards byte-equal to the trainers' and its pooled outputs on an eval batch equal
 to the DMP model's.
 
@@ -38,6 +39,8 @@ def summarize(cfg: OnlineConfig, r) -> dict:
     lat = step_latencies(r)
     served = [s for rep in replicas for _, s in rep["served"]]
     wire = sum(n["stats"]["bytes_out"] for n in trainers + replicas)
+    full_rows = sum(n["stats"]["full_rows"] for n in trainers + replicas)  # a replica's first sync: whole shards
+    needed = (rows * cfg.replicas + full_rows) * cfg.dim * 4
     return {
         "steps/s": cfg.steps / train_s,
         "rows/s": rows / train_s,
@@ -46,7 +49,7 @@ def summarize(cfg: OnlineConfig, r) -> dict:
         "serve req/s": len(served) / len(replicas) / train_s,
         "serve p50 ms": pct(served, 0.5),
         "serve p99 ms": pct(served, 0.99),
-        "wire/changed": wire / max(1, rows * cfg.dim * 4 * cfg.replicas),
+        "wire/needed": wire / needed,
         "peak MB": max(n["peak_rss_mb"] for n in trainers + replicas),
         "byte-equal": f"{sum(rep['converged'] for rep in replicas)}/{cfg.replicas}",
         "outputs equal": f"{sum(rep['outputs_equal'] for rep in replicas)}/{cfg.replicas}",
