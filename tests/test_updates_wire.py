@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastplan.comm.updates.channel import HEADER, PeerError, connect_peer
+from fastplan.comm.updates.channel import PeerError, connect_peer
 from fastplan.comm.updates.layout import Layout
 from fastplan.comm.updates.shard_store import ShardStore
 from fastplan.comm.updates.sync import SyncConfig, SyncNode
