@@ -20,7 +20,6 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torchrec.distributed.types import ShardingPlan
 
 from fastplan.comm.updates.layout import Layout, ShardKey, ShardSpec
 from fastplan.comm.updates.wire import Delta
@@ -105,25 +104,6 @@ class ShardStore:
             rv = np.full(spec.rows, version, dtype=np.int64)
             self.shards[layout.index[key]] = Shard(spec, w, row_view(w), version, rv, oldest_answerable=version,
                                                    healthy_version=version)
-
-    @classmethod
-    def of_tables(cls, plan: ShardingPlan, tables: Dict[str, torch.Tensor], rank: Optional[int] = None,
-                  copy: bool = True, version: int = 0, cache_rows: int = 1_000_000) -> "ShardStore":
-        """Slices of full `tables` as `plan` shards them: those on `rank`, or every shard (rank None, an
-        inference replica holding the whole model). With copy=False the slices are views: updates land
-        in `tables` in place."""
-        layout = Layout.from_plan(plan, {n: tuple(t.shape) for n, t in tables.items()},
-                                  dtype=next(iter(tables.values())).dtype)
-        owners = _owners(plan)
-        tensors = {}
-        for spec in layout.specs:
-            if rank is not None and owners.get(spec.key, rank) != rank:
-                continue
-            if spec.table not in tables:
-                raise ValueError(f"table '{spec.table}' is in the plan but not in tables")
-            t = tables[spec.table]
-            tensors[spec.key] = t[spec.row_offset : spec.row_offset + spec.rows, spec.col_offset : spec.col_offset + spec.cols]
-        return cls(layout, tensors, copy=copy, version=version, cache_rows=cache_rows)
 
     # ---- reading ---------------------------------------------------------------------------------
     def keys(self) -> List[ShardKey]:
@@ -326,13 +306,3 @@ class ShardStore:
 
 def _increasing(rows: np.ndarray) -> bool:
     return len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())
-
-
-def _owners(plan: ShardingPlan) -> Dict[ShardKey, int]:
-    out = {}
-    for module_plan in plan.plan.values():
-        for name, ps in module_plan.items():
-            if ps.sharding_spec is not None:
-                for i, meta in enumerate(ps.sharding_spec.shards):
-                    out[(name, i)] = meta.placement.rank()
-    return out
