@@ -132,16 +132,16 @@ def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> N
         dense_opt.step()
         dense_opt.zero_grad()
         before = store.version_array()
-        versions = publisher.publish()
+        publisher.publish()
         after = store.version_array()
         changed = {int(i): int(after[i]) for i in np.flatnonzero(after != before)}
         steps.append((step, time.time(), changed, int(sum(store.shards[i].cache[-1][2].size for i in changed))))
         losses.append(float(loss))
-        del versions
     train_s = time.time() - t0
     cpu_s = usage()["cpu_s"] - usage0["cpu_s"]
-    drift = [k for k, d in shard_digests(live).items() if d != shard_digests(store.tensors())[k]]
-    kv.set(f"{PREFIX}/final/{rank}", json.dumps({"digests": shard_digests(store.tensors()),
+    published = shard_digests(store.tensors())
+    missed = [k for k, d in shard_digests(live).items() if d != published[k]]  # rows moved but never published
+    kv.set(f"{PREFIX}/final/{rank}", json.dumps({"digests": published,
                                                  "versions": {f"{k[0]}/{k[1]}": v for k, v in store.versions().items()}}))
     eval_rng = np.random.default_rng(cfg.seed + 99)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def _trainer(rank: int, cfg: OnlineConfig, kv_port: int, pg_port: int, out) -> N
     node.stop()
     dist.destroy_process_group()
     out.put(("trainer", rank, {"steps": steps, "losses": losses, "train_s": train_s, "cpu_s": cpu_s,
-                               "tracker_missed": drift, "converged": converged, "stats": asdict(node.stats),
+                               "tracker_missed": missed, "converged": converged, "stats": asdict(node.stats),
                                "errors": [asdict(e) for e in node.errors], "peak_rss_mb": usage()["peak_rss_mb"]}))
 
 
