@@ -6,7 +6,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torchrec, fbgemm_gpu, ortools, diskcache, fastplan" 2>/dev/null; then
+if ! python -c "import torchrec, fbgemm_gpu, ortools, diskcache, zmq, fastplan" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements-cpu.txt
   python -m pip install -q --no-deps torchrec==1.8.0
