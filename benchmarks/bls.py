@@ -20,8 +20,9 @@ Modes:
 
 Per mode: ms/batch (slowest rank), latency p50/p99 from the moment the pipeline takes a batch from
 its source to its output (TorchRec's loader thread takes a batch one step before its pipeline
-starts it), CPU ms per batch (all threads, mean over ranks), and how many batches are bitwise equal
-to the sync run. The last column divides bls-L by the best of torchrec and control-L.
+starts it) and p50 over sync's, CPU ms per batch (all threads, mean over ranks), peak RSS during the
+mode (max over ranks), and how many batches are bitwise equal to the sync run. The last column
+divides bls-L's ms/batch by the best of torchrec and control-L.
 
     python benchmarks/bls.py                          # 4 ranks, writes bls.png
     python benchmarks/bls.py --world-sizes 2 4 --batches 60 --seed 3
@@ -33,6 +34,7 @@ import argparse
 import logging
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -96,6 +98,11 @@ def deferred_waits(sparse, dense, lag: int, batches):
         s += 1
 
 
+def _modes(args) -> list:
+    lagged = [f"{kind}-{L}" for kind in ("control", "bls") for L in args.lags]
+    return ["sync"] + [m for m in ["torchrec"] + lagged if args.modes is None or m.split("-")[0] in args.modes]
+
+
 def _rank_main(rank: int, world: int, args) -> dict:
     import torch
     import torch.distributed as dist
@@ -138,7 +145,7 @@ def _rank_main(rank: int, world: int, args) -> dict:
 
     plan = planner.collective_plan(model(), sharders)
     results, reference = {}, {}
-    modes = ["sync", "torchrec"] + [f"control-{L}" for L in args.lags] + [f"bls-{L}" for L in args.lags]
+    modes = _modes(args)
     for scenario in args.scenarios:
         hot = {b for b in range(args.batches) if _hot_rank(b, world, args.seed) == rank}
         scale = {b: 4 for b in hot} if scenario == "skew" else {}
@@ -176,6 +183,7 @@ def _rank_main(rank: int, world: int, args) -> dict:
                 outputs = lambda: pipe.run(source(batches))  # noqa: E731
 
             dist.barrier()
+            _reset_peak_rss()
             latencies, got = [], []
             cpu_start, start = time.process_time(), time.perf_counter()
             with torch.no_grad():
@@ -183,8 +191,9 @@ def _rank_main(rank: int, world: int, args) -> dict:
                     latencies.append((time.perf_counter() - issued.popleft()) * 1000)
                     got.append(out)
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            peak_mb = _peak_rss_mb()
             dist.barrier()
-            if mode == "sync":
+            if scenario not in reference:  # the first mode is sync
                 reference[scenario] = got
             latencies.sort()
             results[(scenario, mode)] = {
@@ -193,10 +202,22 @@ def _rank_main(rank: int, world: int, args) -> dict:
                 "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
                 "identical": sum(torch.equal(a, b) for a, b in zip(got, reference[scenario])) if len(got) == args.batches else 0,
                 "cpu_ms_per_batch": cpu * 1000 / args.batches,
+                "peak_mb": peak_mb,
             }
             if hasattr(group, "shutdown"):
                 group.shutdown()
     return results
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS count of this process (Linux), so each mode reports its own peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) / 1024
 
 
 def _worker(rank, world, port, args, queue):
@@ -215,7 +236,7 @@ def run_world(world: int, args) -> dict:
     import multiprocessing as mp
     import socket
 
-    from benchmarks.transport import gather
+    from benchmarks.bls_transport import gather
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -241,6 +262,7 @@ def run_world(world: int, args) -> dict:
             "p99": max(r["p99"] for r in rows),
             "identical": min(r["identical"] for r in rows),
             "cpu": sum(r["cpu_ms_per_batch"] for r in rows) / len(rows),
+            "peak_mb": max(r["peak_mb"] for r in rows),
         }
     return merged
 
@@ -250,6 +272,7 @@ def main(argv=None) -> None:
     ap.add_argument("--world-sizes", type=int, nargs="+", default=[4])
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     ap.add_argument("--lags", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--modes", nargs="+", choices=["torchrec", "control", "bls"], help="baselines to run beside sync (default all)")
     ap.add_argument("--batches", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--tables", type=int, default=16)
@@ -265,23 +288,24 @@ def main(argv=None) -> None:
 
     print(f"seed {args.seed}, {args.batches} batches of {args.batch_size}, {args.tables} tables", flush=True)
     print(f"{'ranks':>5} {'scenario':>10} {'mode':>10} {'ms/batch':>9} {'vs sync':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'identical':>10} {'cpu ms/b':>9} {'vs best baseline':>17}", flush=True)
+          f"{'p50/sync':>8} {'identical':>10} {'cpu ms/b':>9} {'peak MB':>8} {'vs best baseline':>17}", flush=True)
     table = {}
     for world in args.world_sizes:
         res = run_world(world, args)
         for scenario in args.scenarios:
-            sync = res[(scenario, "sync")]["ms_per_batch"]
+            sync = res[(scenario, "sync")]
             for (sc, mode), r in res.items():
                 if sc != scenario:
                     continue
                 table[(world, sc, mode)] = r
                 versus = ""
-                if mode.startswith("bls"):
-                    best = min(res[(sc, m)]["ms_per_batch"] for m in ("torchrec", f"control-{mode[4:]}"))
-                    versus = f"{r['ms_per_batch'] / best:>16.2f}x"
+                baselines = [res[(sc, m)]["ms_per_batch"] for m in ("torchrec", f"control-{mode[4:]}") if (sc, m) in res]
+                if mode.startswith("bls") and baselines:
+                    versus = f"{r['ms_per_batch'] / min(baselines):>16.2f}x"
                 print(
-                    f"{world:>5} {sc:>10} {mode:>10} {r['ms_per_batch']:>9.2f} {sync / r['ms_per_batch']:>7.2f}x "
-                    f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['identical']:>5}/{args.batches:<4} {r['cpu']:>9.2f} {versus}",
+                    f"{world:>5} {sc:>10} {mode:>10} {r['ms_per_batch']:>9.2f} {sync['ms_per_batch'] / r['ms_per_batch']:>7.2f}x "
+                    f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['p50'] / sync['p50']:>7.2f}x {r['identical']:>5}/{args.batches:<4} "
+                    f"{r['cpu']:>9.2f} {r['peak_mb']:>8.0f} {versus}",
                     flush=True,
                 )
     if args.plot:
@@ -294,7 +318,7 @@ def _plot(table, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = ["sync", "torchrec"] + [f"control-{L}" for L in args.lags] + [f"bls-{L}" for L in args.lags]
+    modes = _modes(args)
     worlds = args.world_sizes
     fig, axes = plt.subplots(2, len(worlds), figsize=(6.5 * len(worlds), 7), squeeze=False)
     width = 0.8 / len(modes)

@@ -1,5 +1,5 @@
 """The hand-written TCP mesh BLS sent over before it adopted ZeroMQ, kept only as a baseline for
-`benchmarks/transport.py` (not used by the library).
+`benchmarks/bls_transport.py` (not used by the library).
 
 Framed (tag, iteration, nbytes) messages over one non-blocking TCP connection per peer pair, moved by
 whichever thread waits (select), no background threads.
@@ -183,3 +183,4 @@ def _read_exact(s: socket.socket, n: int) -> bytes:
             raise ConnectionError("peer closed during handshake")
         out += chunk
     return out
+

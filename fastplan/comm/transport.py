@@ -1,11 +1,12 @@
 """Authenticated messages between the ranks of a job over ZeroMQ; libzmq's I/O thread moves the bytes.
 
-`Mesh(store, rank, size)` binds one ROUTER socket per rank on 127.0.0.1 and connects one DEALER to
-every peer's ROUTER; endpoints and a per-job secret are exchanged through the job's
+`Mesh(store, rank, size)` binds one PULL socket per rank on 127.0.0.1 and connects one PUSH socket to
+every peer's PULL; endpoints and a per-job secret are exchanged through the job's
 torch.distributed store (the rendezvous every rank already trusts). Connections use ZeroMQ's PLAIN
 mechanism (user = rank, password = the secret), checked by pyzmq's ZAP thread, so only members of
-the job can deliver. A message is a fixed binary header (tag, seq: two int64) and one payload of
-bytes; nothing is deserialised beyond that header, and oversized messages are refused by libzmq.
+the job can deliver. A message is a fixed binary header (sender, tag, seq, payload size: four int64)
+and one payload of bytes; nothing is deserialised beyond that header, a header that does not check
+out is an error naming the sender, and oversized messages are refused by libzmq.
 
     mesh.send(peer, tag, seq, payload)   # never blocks: queued, then written by the I/O thread
                                          # (big payloads uncopied: returns a tracker)
@@ -19,6 +20,7 @@ arrived within `grace_s` (its last messages may still be in flight when the drop
 
 from __future__ import annotations
 
+import logging
 import secrets
 import struct
 import time
@@ -30,9 +32,8 @@ import zmq
 import zmq.auth.thread
 from zmq.utils.monitor import parse_monitor_message
 
-_HEADER = struct.Struct("<qq")  # tag, seq
+_HEADER = struct.Struct("<qqqq")  # sender, tag, seq, payload bytes
 _BYE = -1  # tag of the goodbye a closing rank sends to each peer
-_RANK = struct.Struct("<i")  # routing id: the sender's rank
 
 
 @dataclass
@@ -52,7 +53,7 @@ class MeshError(RuntimeError):
 
 
 class Mesh:
-    """One ROUTER in, one DEALER out per peer; endpoints and the job secret come from `store`."""
+    """One PULL socket in, one PUSH socket out per peer; endpoints and the job secret come from `store`."""
 
     def __init__(
         self,
@@ -70,47 +71,54 @@ class Mesh:
         self.peers = [p for p in range(size) if p != rank]
         self._ctx = zmq.Context(io_threads=1)
         secret = _job_secret(store, rank, timeout_s)
-        self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx)
+        auth_log = logging.getLogger("fastplan.transport.auth")
+        auth_log.setLevel(logging.INFO)  # pyzmq's debug lines would print the secret
+        self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx, log=auth_log)
         self._auth.start()
         self._auth.configure_plain(domain="*", passwords={f"rank{p}": secret for p in range(size)})
 
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.PLAIN_SERVER, 1)
-        self._router.setsockopt(zmq.RCVHWM, 0)  # the caller's protocol bounds what is in flight
-        self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self._router.setsockopt(zmq.LINGER, 0)
-        port = self._router.bind_to_random_port(f"tcp://{host}")
+        self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.setsockopt(zmq.PLAIN_SERVER, 1)
+        self._inbox.setsockopt(zmq.RCVHWM, 0)  # the caller's protocol bounds what is in flight
+        self._inbox.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._inbox.setsockopt(zmq.LINGER, 0)
+        port = self._inbox.bind_to_random_port(f"tcp://{host}")
         store.set(f"mesh/{rank}", f"tcp://{host}:{port}")
 
-        self._dealers: Dict[int, zmq.Socket] = {}
+        self._outs: Dict[int, zmq.Socket] = {}
         self._monitors: Dict[zmq.Socket, int] = {}
         self._poller = zmq.Poller()
-        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._inbox, zmq.POLLIN)
         for p in self.peers:
             endpoint = _store_get(store, f"mesh/{p}", timeout_s, f"rank {rank} waited for peer rank {p}'s endpoint")
-            d = self._ctx.socket(zmq.DEALER)
-            d.setsockopt(zmq.ROUTING_ID, _RANK.pack(rank))
+            d = self._ctx.socket(zmq.PUSH)
             d.setsockopt(zmq.PLAIN_USERNAME, f"rank{rank}".encode())
             d.setsockopt(zmq.PLAIN_PASSWORD, secret.encode())
             d.setsockopt(zmq.SNDHWM, 0)
             mon = d.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             d.connect(endpoint)
-            self._dealers[p] = d
+            self._outs[p] = d
             self._monitors[mon] = p
             self._poller.register(mon, zmq.POLLIN)
         self._dropped: Dict[int, tuple] = {}  # peer -> (monotonic time, reason)
         self._said_bye: set = set()
+        self._error: Optional[MeshError] = None
 
     def send(self, peer: int, tag: int, seq: int, payload=b"", copy: bool = False) -> Optional[zmq.MessageTracker]:
         """Queue one message for `peer`; never blocks. Unless `copy`, a payload of `zmq.COPY_THRESHOLD`
         (64 KiB) or more is not copied: the returned tracker's `done` turns True once ZeroMQ no longer
         reads it (the caller must neither modify nor free the payload before)."""
-        track = not copy and len(payload) >= zmq.COPY_THRESHOLD
-        tracker = self._dealers[peer].send_multipart([_HEADER.pack(tag, seq), payload], copy=not track, track=track)
+        nbytes = memoryview(payload).nbytes
+        track = not copy and nbytes >= zmq.COPY_THRESHOLD
+        out = self._outs[peer]
+        out.send(_HEADER.pack(self.rank, tag, seq, nbytes), zmq.SNDMORE)
+        tracker = out.send(payload, copy=not track, track=track)
         return tracker if track else None
 
     def recv(self, timeout_s: float) -> List[Message]:
-        """Every message that has arrived, waiting up to `timeout_s` for the first one."""
+        """Every message that has arrived, waiting up to `timeout_s` for the first one. A malformed
+        message raises `MeshError` naming its sender (after the good ones before it were returned);
+        it is consumed, so calling `recv` again carries on."""
         out: List[Message] = []
         self._drain(out)
         if out or timeout_s <= 0:
@@ -137,38 +145,68 @@ class Mesh:
         """Say goodbye to every peer still open, give queued messages up to `linger_s` to go out, close."""
         if self._ctx.closed:
             return
-        self._drain([])  # goodbyes that already arrived: those peers are gone, nothing more reaches them
-        for p, d in self._dealers.items():
+        try:
+            self._drain([])  # goodbyes that already arrived: those peers are gone, nothing more reaches them
+        except MeshError:
+            pass  # closing anyway: a malformed message left unread no longer matters
+        for p, d in self._outs.items():
             if p not in self._said_bye:
-                d.send_multipart([_HEADER.pack(_BYE, 0), b""])
+                d.send_multipart([_HEADER.pack(self.rank, _BYE, 0, 0), b""])
             d.setsockopt(zmq.LINGER, int(linger_s * 1000))
-        for d in self._dealers.values():
+        for d in self._outs.values():
             d.disable_monitor()  # before closing the monitor socket: it writes a last event there
         for mon in self._monitors:
             mon.close(0)
-        for d in self._dealers.values():
+        for d in self._outs.values():
             d.close()
-        self._router.close(0)
+        self._inbox.close(0)
         self._auth.stop()
-        self._ctx.term()  # returns once the dealers have flushed (or their linger ran out)
+        self._ctx.term()  # returns once the outgoing sockets have flushed (or their linger ran out)
 
     def _drain(self, out: List[Message]) -> None:
-        router = self._router
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        try:
+            self._read(out)
+        except MeshError as e:
+            if not out:
+                raise
+            self._error = e  # raised on the next call: first hand over what arrived before it
+
+    def _read(self, out: List[Message]) -> None:
+        inbox = self._inbox
         while True:
             try:
-                parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frame = inbox.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if len(parts) != 3 or len(parts[0]) != _RANK.size or len(parts[1]) != _HEADER.size:
-                raise MeshError(-1, f"malformed message ({len(parts)} parts) on rank {self.rank}'s socket")
-            (peer,) = _RANK.unpack(parts[0].bytes)
-            if peer not in self._dealers:
-                raise MeshError(peer, f"message from unknown rank {peer} on rank {self.rank}'s socket")
-            tag, seq = _HEADER.unpack(parts[1].bytes)
+            # The sender's rank as authenticated by the ZAP handler, whatever its header claims.
+            user = frame.get("User-Id")
+            sender = int(user[4:]) if user.startswith("rank") and user[4:].isdigit() else -1
+            header = frame.bytes
+            if len(header) != _HEADER.size or not frame.more:
+                self._discard_rest(frame)
+                raise MeshError(sender, f"malformed message ({len(header)}-byte header) from {user} on rank {self.rank}")
+            peer, tag, seq, nbytes = _HEADER.unpack(header)
+            if peer != sender:
+                self._discard_rest(frame)
+                raise MeshError(sender, f"{user} sent a message claiming to come from rank {peer}")
+            # Small payloads as bytes (cheaper than a frame), big ones without a copy.
+            payload = inbox.recv(copy=nbytes < zmq.COPY_THRESHOLD)
+            view = memoryview(payload if isinstance(payload, bytes) else payload.buffer)
+            if view.nbytes != nbytes or inbox.get(zmq.RCVMORE):
+                self._discard_rest(frame)
+                raise MeshError(peer, f"rank {peer} announced {nbytes} bytes for message {seq} of tag {tag}, sent {view.nbytes}")
             if tag == _BYE:
                 self._said_bye.add(peer)
                 continue
-            out.append(Message(peer, tag, seq, parts[2].buffer))
+            out.append(Message(peer, tag, seq, view))
+
+    def _discard_rest(self, frame) -> None:
+        """Read the remaining parts of a bad message so the next one starts clean."""
+        while self._inbox.get(zmq.RCVMORE):
+            self._inbox.recv()
 
     def _note_event(self, mon: zmq.Socket) -> None:
         peer = self._monitors[mon]

@@ -1,12 +1,15 @@
 """Bounded Lag Synchronous all-to-all(v) between processes, and a `"bls"` torch.distributed backend.
 
 Semantics (see shared/reference/bls.md): every call site is a channel, call i of a channel is
-iteration i. `post(i)` sends this rank's blocks tagged (channel, i) once every peer's block of
-iteration i - L has arrived, and returns a handle; `wait()` returns exactly what `all_to_all_single`
-returns, `ready()` says without blocking whether it would. So "rank r posted i" implies every rank
-posted >= i - L, and a peer's block can arrive at most L iterations ahead of this rank's posts (a
-block further ahead is a protocol error naming the peer). Lag 0 is the inner gloo group's
-`all_to_all_single`; every other collective goes to that gloo group too.
+iteration i. `post(i)` sends this rank's blocks tagged (channel, i) and returns a handle once every
+peer's block of iteration i - L has arrived; `wait()` returns exactly what `all_to_all_single`
+returns, `ready()` says without blocking whether it would. So a rank sends i only after every peer
+sent i - L - 1 (post(i - 1) returned), "post(i) returned" implies every rank posted >= i - L, at
+most L + 1 iterations are in flight per channel, and a peer's block can arrive at most L + 1
+iterations ahead of this rank's posts (further ahead is a protocol error naming the peer). Lag 0
+is the synchronous all-to-all (served by the inner gloo group's `all_to_all_single`); every other
+collective goes to that gloo group too. Inside `batch(b)` (the pipeline) `post` returns as soon as
+it sent: the pipeline enforces the bound itself, by starting a stage only when it may.
 
 Blocks travel over `fastplan.comm.transport.Mesh` (ZeroMQ): libzmq's I/O thread moves bytes while
 Python computes; an arriving block is copied straight into the output tensor of its post, or held
@@ -198,8 +201,8 @@ class BLSProcessGroup(dist.ProcessGroup):
         input_split_sizes: Optional[Sequence[int]] = None,
         channel: Optional[str] = None,
     ) -> BLSWork:
-        """Send this rank's blocks of the channel's next iteration and return its handle; blocks first
-        only while some peer's block of iteration - lag is missing (the lag bound)."""
+        """Send this rank's blocks of the channel's next iteration i and return its handle once every
+        peer's block of i - lag arrived (inside `batch(b)`: right after sending)."""
         size, me = self._size, self._rank
         out_splits = list(output_split_sizes) if output_split_sizes else [output.size(0) // size] * size
         in_splits = list(input_split_sizes) if input_split_sizes else [input.size(0) // size] * size
@@ -211,10 +214,12 @@ class BLSProcessGroup(dist.ProcessGroup):
         in_off = [o * in_row for o in itertools.accumulate(in_splits, initial=0)]
         src = input.detach().contiguous().view(-1).view(torch.uint8).numpy()
         dst = _byte_view(output)
+        if dst is None:
+            raise ValueError(f"rank {me}: the bls backend needs a contiguous CPU output tensor without grad")
         with self._lock:
             ch = self._channel(channel or self._channel_name())
             iteration = ch.posted + 1
-            self._wait_arrived(ch, iteration - self.lag, self.timeout_s)
+            self._wait_arrived(ch, iteration - self.lag - 1, self.timeout_s)  # done already unless in a batch
             ch.posted = iteration
             if self.peers:
                 ch.owed[iteration] = len(self.peers)
@@ -233,15 +238,15 @@ class BLSProcessGroup(dist.ProcessGroup):
             ch.posts += 1
             work = BLSWork(self, ch, iteration, output, [t for t in sends if t is not None])
             batch_id = getattr(self._batch, "id", None)
-            if batch_id is not None:
+            if batch_id is None:
+                self._wait_arrived(ch, iteration - self.lag, self.timeout_s)
+            else:
                 self._works.setdefault(batch_id, []).append(work)
             return work
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         if self.lag == 0:
             return self._inner.alltoall_base(output, input, list(output_split_sizes or []), list(input_split_sizes or []))
-        if _byte_view(output) is None:
-            raise ValueError(f"rank {self._rank}: the bls backend needs contiguous CPU output tensors without grad")
         return self.post(output, input, output_split_sizes, input_split_sizes)
 
     # ---- progress ---------------------------------------------------------------------------------
@@ -265,10 +270,10 @@ class BLSProcessGroup(dist.ProcessGroup):
 
     def _deliver(self, ch: _Channel, msg: Message) -> None:
         ahead = msg.seq - ch.posted
-        if ahead > self.lag:
+        if ahead > self.lag + 1:
             raise BLSError(
                 f"rank {self._rank}: peer rank {msg.peer} sent iteration {msg.seq} of channel {ch.name} while this "
-                f"rank posted only up to {ch.posted}: more than lag {self.lag} ahead (does it run with the same lag?)"
+                f"rank posted only up to {ch.posted}: beyond lag {self.lag} (does it run with the same lag?)"
             )
         ch.max_ahead = max(ch.max_ahead, ahead)
         if (msg.peer, msg.seq) in ch.slots:
@@ -307,7 +312,7 @@ class BLSProcessGroup(dist.ProcessGroup):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BLSTimeoutError(
-                    f"rank {self._rank}: peer ranks {ch.missing(iteration)} did not deliver iteration {iteration} of "
+                    f"rank {self._rank}: {_peers(ch.missing(iteration))} did not deliver iteration {iteration} of "
                     f"channel {ch.name} within {limit_s:.1f} s"
                 )
             self.progress(min(left, 0.25))
@@ -327,6 +332,10 @@ class BLSProcessGroup(dist.ProcessGroup):
             self._mesh.close()
         self._channels.clear()
         self._by_tag.clear()
+
+
+def _peers(ranks: List[int]) -> str:
+    return f"peer rank {ranks[0]}" if len(ranks) == 1 else f"peer ranks {', '.join(map(str, ranks))}"
 
 
 def _byte_view(t: torch.Tensor) -> Optional[np.ndarray]:

@@ -126,7 +126,7 @@ class BLSInferencePipeline:
             if item.stage == _POOLED:
                 flight.popleft()
                 self.group.end_batch(b)
-                for key in [k for k in posted if k[1] <= b - self.lag]:
+                for key in [k for k in posted if k[1] <= b - self.lag - 1]:
                     del posted[key]
                 return self.dense(item.dense_in, value)
             if item.stage == _INPUT:
@@ -138,8 +138,9 @@ class BLSInferencePipeline:
         return None
 
     def _lag_allows(self, posted, stage: int, b: int) -> bool:
-        """Posting stage `stage` of batch b needs every peer's blocks of that stage of batch b - lag."""
-        works = posted.get((stage, b - self.lag))
+        """Sending stage `stage` of batch b needs every peer's blocks of that stage of batch b - lag - 1:
+        a rank runs at most `lag` batches ahead of the one it waits for."""
+        works = posted.get((stage, b - self.lag - 1))
         return works is None or all(w.ready() for w in works)
 
     def _raise_stalled(self, flight: Deque[_InFlight]) -> None:

@@ -15,8 +15,8 @@ Reported per candidate and size: latency p50/p99 of one call waited at once (max
 with `--depth` calls in flight (bytes received per rank per second, mean over ranks), and CPU time per
 call (the process's CPU over all its threads, mean over ranks). Received bytes are checked on every call.
 
-    python benchmarks/transport.py
-    python benchmarks/transport.py --sizes 1024 4194304 --calls-scale 0.5
+    python benchmarks/bls_transport.py
+    python benchmarks/bls_transport.py --sizes 1024 4194304 --calls-scale 0.5
 """
 
 from __future__ import annotations
