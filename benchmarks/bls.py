@@ -299,7 +299,7 @@ def main(argv=None) -> None:
                     continue
                 table[(world, sc, mode)] = r
                 versus = ""
-                baselines = [res[(sc, m)]["ms_per_batch"] for m in ("torchrec", f"control-{mode[4:]}") if (sc, m) in res]
+                baselines = [res[(sc, m)]["ms_per_batch"] for m in ("torchrec", f"control-{mode.split('-')[-1]}") if (sc, m) in res]
                 if mode.startswith("bls") and baselines:
                     versus = f"{r['ms_per_batch'] / min(baselines):>16.2f}x"
                 print(

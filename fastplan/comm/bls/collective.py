@@ -86,6 +86,10 @@ class BLSWork(dist.Work):
         self.output = output
         self.sends = sends  # trackers of blocks sent without a copy
 
+    def arrived(self) -> bool:
+        """Whether every peer's block is among what this rank already took in (no I/O)."""
+        return self.channel.arrived(self.iteration)
+
     def ready(self) -> bool:
         """Whether every peer's block arrived, i.e. the output is complete (never blocks)."""
         if not self.channel.arrived(self.iteration):

@@ -2,7 +2,7 @@
 
 Each batch goes through TorchRec's stages: input dist (ids out), the ids' second all-to-all
 (lengths/values), lookup + output dist (pooled embeddings back), dense part. A stage starts as soon
-as the all-to-alls it consumes have arrived from every peer (`BLSWork.ready()`); stages run in
+as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`); stages run in
 batch order, so outputs come out in order and bit-identical to the synchronous forward. A rank waits
 only when nothing is ready: then a new batch starts if the lag bound allows it (every peer's blocks
 of batch b - L arrived), else it blocks on the transport until a peer delivers. With L = 0 this is
@@ -76,6 +76,7 @@ class BLSInferencePipeline:
         posted: Dict[Tuple[int, int], List[Any]] = {}  # (stage, batch) -> its works, kept for the lag rule
         next_index, exhausted, idle_since = 0, False, None
         while flight or not exhausted:
+            self.group.progress(0)  # take in what arrived; the checks below only look
             # Communication first (it is cheap and peers wait for it), then the oldest batch's compute.
             item = self._first_at(flight, _INPUT, posted)
             if item is None and not exhausted and len(flight) < self.max_in_flight \
@@ -106,7 +107,7 @@ class BLSInferencePipeline:
         """The oldest batch waiting at `stage` if it can move on now (its data arrived, the lag allows)."""
         # Stages run in batch order: every batch ahead of the first one at `stage` is past it.
         item = next((i for i in flight if i.stage == stage), None)
-        if item is None or not all(w.ready() for w in item.works) or not self._lag_allows(posted, stage + 1, item.index):
+        if item is None or not all(w.arrived() for w in item.works) or not self._lag_allows(posted, stage + 1, item.index):
             return None
         return item
 
@@ -141,7 +142,7 @@ class BLSInferencePipeline:
         """Sending stage `stage` of batch b needs every peer's blocks of that stage of batch b - lag - 1:
         a rank runs at most `lag` batches ahead of the one it waits for."""
         works = posted.get((stage, b - self.lag - 1))
-        return works is None or all(w.ready() for w in works)
+        return works is None or all(w.arrived() for w in works)
 
     def _raise_stalled(self, flight: Deque[_InFlight]) -> None:
         for item in flight:  # the oldest unfinished work raises, naming the peers it waits for
