@@ -137,10 +137,6 @@ class Mesh:
             if p not in self._said_bye and now - since > self.grace_s
         }
 
-    def finished(self, peer: int) -> bool:
-        """Whether `peer` closed its side cleanly (its goodbye arrived after all its messages)."""
-        return peer in self._said_bye
-
     def close(self, linger_s: float = 1.0) -> None:
         """Say goodbye to every peer still open, give queued messages up to `linger_s` to go out, close."""
         if self._ctx.closed:

@@ -13,17 +13,17 @@ it sent: the pipeline enforces the bound itself, by starting a stage only when i
 
 Blocks travel over `fastplan.comm.transport.Mesh` (ZeroMQ): libzmq's I/O thread moves bytes while
 Python computes; an arriving block is copied straight into the output tensor of its post, or held
-(at most L iterations per peer and channel) until this rank posts that iteration.
+(at most L + 1 iterations per peer and channel) until this rank posts that iteration.
 
 GPU plan (written, not run: no GPU was available). With NCCL the same protocol maps onto
 `ProcessGroupNCCL` point-to-point calls on a side stream: `post(i)` issues `batch_isend_irecv`
 (one `isend` of each peer's block, one `irecv` into each peer's slice of the output) on a dedicated
 communication stream after an event recorded on the compute stream (inputs ready), and records an
-arrival event on the communication stream; `ready()` is `event.query()`, `wait()` makes the
+arrival event on the communication stream; `ready()` / `arrived()` are `event.query()`, `wait()` makes the
 consumer's stream wait on that event (no host sync). Block sizes are known on both sides from the
 split sizes, so no header is needed; the lag rule becomes "before issuing iteration i, the host
-waits on iteration i - L's arrival event" (host-side `event.synchronize()` only when the bound is
-hit). Tags become NCCL p2p groups per channel (or one group with calls ordered per channel), since
+waits on iteration i - L - 1's arrival event" (host-side `event.synchronize()` only when the bound
+is hit). Tags become NCCL p2p groups per channel (or one group with calls ordered per channel), since
 NCCL matches point-to-point calls by order. Buffers: L + 1 receive buffers per channel, reused.
 """
 
@@ -84,7 +84,7 @@ class BLSWork(dist.Work):
         self.channel = channel
         self.iteration = iteration
         self.output = output
-        self.sends = sends  # trackers of blocks sent without a copy
+        self.sends = sends  # (peer, tracker) of blocks sent without a copy
 
     def arrived(self) -> bool:
         """Whether every peer's block is among what this rank already took in (no I/O)."""
@@ -102,13 +102,13 @@ class BLSWork(dist.Work):
         limit = timeout.total_seconds() if timeout else self.group.timeout_s
         deadline = time.monotonic() + limit
         self.group._wait_arrived(self.channel, self.iteration, limit)
-        for tracker in self.sends:
+        for peer, tracker in self.sends:
             try:
                 tracker.wait(max(0.0, deadline - time.monotonic()))
             except zmq.NotDone:
                 raise BLSTimeoutError(
                     f"rank {self.group.rank()}: iteration {self.iteration} of channel {self.channel.name} still being "
-                    f"sent after {limit:.1f} s"
+                    f"sent to peer rank {peer} after {limit:.1f} s"
                 ) from None
         self.sends = []
         return True
@@ -235,12 +235,12 @@ class BLSProcessGroup(dist.ProcessGroup):
             sends = []
             for p in self.peers:
                 try:
-                    sends.append(self._mesh.send(p, ch.tag, iteration, memoryview(src[in_off[p] : in_off[p + 1]])))
+                    sends.append((p, self._mesh.send(p, ch.tag, iteration, memoryview(src[in_off[p] : in_off[p + 1]]))))
                 except zmq.ZMQError as e:
                     raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from e
             dst[out_off[me] : out_off[me + 1]] = src[in_off[me] : in_off[me + 1]]
             ch.posts += 1
-            work = BLSWork(self, ch, iteration, output, [t for t in sends if t is not None])
+            work = BLSWork(self, ch, iteration, output, [(p, t) for p, t in sends if t is not None])
             batch_id = getattr(self._batch, "id", None)
             if batch_id is None:
                 self._wait_arrived(ch, iteration - self.lag, self.timeout_s)
@@ -325,10 +325,6 @@ class BLSProcessGroup(dist.ProcessGroup):
     def lag_stats(self) -> Dict[str, Dict[str, int]]:
         """Per channel: iterations posted, and the most iterations a peer's block arrived ahead of ours."""
         return {name: {"posts": ch.posts, "max_ahead": ch.max_ahead} for name, ch in self._channels.items()}
-
-    def flush(self, timeout_s: Optional[float] = None) -> None:
-        """Kept for callers of the earlier transport: sends are queued in ZeroMQ, which flushes them
-        on `shutdown()`; nothing to do here."""
 
     def shutdown(self) -> None:
         """Say goodbye to the peers (after everything queued for them) and close the connections."""
