@@ -1,4 +1,4 @@
-"""Communication for sharded models: two systems that share only `transport` (ZeroMQ between ranks).
+"""Communication for sharded models: two systems that share only `transport`.
 
 - `fastplan.comm.bls`: the bounded-lag all-to-all for inference and its pipeline.
 - `fastplan.comm.updates`: propagation of embedding updates from trainers to inference replicas.

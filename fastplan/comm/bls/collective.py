@@ -223,7 +223,8 @@ class BLSProcessGroup(dist.ProcessGroup):
         with self._lock:
             ch = self._channel(channel or self._channel_name())
             iteration = ch.posted + 1
-            self._wait_arrived(ch, iteration - self.lag - 1, self.timeout_s)  # done already unless in a batch
+            # The bound; a no-op when the previous post (or, in a batch, the pipeline) already waited for it.
+            self._wait_arrived(ch, iteration - self.lag - 1, self.timeout_s)
             ch.posted = iteration
             if self.peers:
                 ch.owed[iteration] = len(self.peers)

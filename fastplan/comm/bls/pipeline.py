@@ -3,9 +3,12 @@
 Each batch goes through TorchRec's stages: input dist (ids out), the ids' second all-to-all
 (lengths/values), lookup + output dist (pooled embeddings back), dense part. A stage starts as soon
 as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`); stages run in
-batch order, so outputs come out in order and bit-identical to the synchronous forward. A rank waits
-only when nothing is ready: then a new batch starts if the lag bound allows it (every peer's blocks
-of batch b - L arrived), else it blocks on the transport until a peer delivers. With L = 0 this is
+batch order, so outputs come out in order and bit-identical to the synchronous forward. Each step
+takes, in this order: the oldest batch whose splits arrived (its ids go out); else the next batch,
+if the lag bound allows (every peer's blocks of that stage of batch b - L - 1 arrived) and fewer than
+`max_in_flight` are held; else the oldest batch whose pooled embeddings arrived (dense part) or
+whose ids arrived (lookup, embeddings go out). Communication goes first because peers wait for it.
+A rank blocks on the transport, with a deadline, only when nothing can move. With L = 0 this is
 exactly the stock sharded forward.
 """
 
