@@ -14,8 +14,9 @@ out is an error naming the sender, and oversized messages are refused by libzmq.
     mesh.lost() -> {peer: reason}        # peers that went away without saying goodbye
     mesh.close()                         # flush, say goodbye, close
 
-Payloads of 64 KiB or more are sent without a copy unless asked (`send(..., copy=True)`). A peer whose connection drops counts as lost only if its goodbye has not
-arrived within `grace_s` (its last messages may still be in flight when the drop is seen).
+Payloads of 64 KiB or more are sent without a copy unless asked (`send(..., copy=True)`). A peer
+whose connection drops counts as lost only if its goodbye has not arrived within `grace_s` (its
+last messages may still be in flight when the drop is seen).
 """
 
 from __future__ import annotations
@@ -181,25 +182,28 @@ class Mesh:
             user = frame.get("User-Id")
             sender = int(user[4:]) if user.startswith("rank") and user[4:].isdigit() else -1
             header = frame.bytes
+            if sender not in self._outs:
+                self._discard_rest()
+                raise MeshError(sender, f"message from {user}, not a peer of rank {self.rank}")
             if len(header) != _HEADER.size or not frame.more:
-                self._discard_rest(frame)
+                self._discard_rest()
                 raise MeshError(sender, f"malformed message ({len(header)}-byte header) from {user} on rank {self.rank}")
             peer, tag, seq, nbytes = _HEADER.unpack(header)
             if peer != sender:
-                self._discard_rest(frame)
+                self._discard_rest()
                 raise MeshError(sender, f"{user} sent a message claiming to come from rank {peer}")
             # Small payloads as bytes (cheaper than a frame), big ones without a copy.
             payload = inbox.recv(copy=nbytes < zmq.COPY_THRESHOLD)
             view = memoryview(payload if isinstance(payload, bytes) else payload.buffer)
             if view.nbytes != nbytes or inbox.get(zmq.RCVMORE):
-                self._discard_rest(frame)
+                self._discard_rest()
                 raise MeshError(peer, f"rank {peer} announced {nbytes} bytes for message {seq} of tag {tag}, sent {view.nbytes}")
             if tag == _BYE:
                 self._said_bye.add(peer)
                 continue
             out.append(Message(peer, tag, seq, view))
 
-    def _discard_rest(self, frame) -> None:
+    def _discard_rest(self) -> None:
         """Read the remaining parts of a bad message so the next one starts clean."""
         while self._inbox.get(zmq.RCVMORE):
             self._inbox.recv()
