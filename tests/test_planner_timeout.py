@@ -8,9 +8,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PLAN = """
-import sys, threading, time
-if sys.argv[1] == "throttled":  # a busy thread takes the GIL about half the time
-    threading.Thread(target=lambda: [None for _ in iter(int, 1)], daemon=True).start()
+import sys, threading
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.types import Topology
 from fastplan import FastShardingPlanner, SearchConfig
@@ -19,7 +17,10 @@ from fastplan.models import ebc, report_tables
 planner = FastShardingPlanner(topology=Topology(world_size=8, compute_device="cuda"),
                               timeout_seconds=3, cache=None, debug=False,
                               search_config=SearchConfig(time_per_cell=2e-4))
-plan = planner.plan(ebc(report_tables(100)), [EmbeddingBagCollectionSharder()])
+module = ebc(report_tables(100))
+if sys.argv[1] == "throttled":  # a busy thread takes the GIL about half the time
+    threading.Thread(target=lambda: [None for _ in iter(int, 1)], daemon=True).start()
+plan = planner.plan(module, [EmbeddingBagCollectionSharder()])
 print(plan_hash(table_digests(plan)), planner.last_report.planning_seconds)
 """
 
