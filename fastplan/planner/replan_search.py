@@ -1,0 +1,616 @@
+"""Re-planning search: shards of unchanged tables stay unless moving them pays, new and
+changed tables are placed around them, and the bytes a placement moves are a cost of the search.
+
+Two modes. `max_moved_bytes=None`: fewest moved bytes such that max-rank perf stays within
+`max_slowdown` of a from-scratch plan. `max_moved_bytes=B`: lowest max-rank perf moving at most B
+bytes (B=0 leaves every kept table exactly as it was). Both: a construction around the kept shards,
+a local search with moved bytes as a cost, CP-SAT on the same columns, and the from-scratch plan as a
+fallback, so a replan is never worse than planning from scratch on its own objective. Deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from torchrec.distributed.types import ShardingPlan
+
+from fastplan.planner.cost import DP, RW, TWCW, TWRW
+from fastplan.planner.diff import Layout, TableState, shardings, table_key, transfer
+from fastplan.planner.errors import InfeasiblePlanError
+from fastplan.planner.search import Assignment, SearchConfig, SearchResult, search
+from fastplan.planner.search_space import SearchSpace
+
+_UNIFORM_TYPES = (RW, DP)  # shard i on rank i
+_HOST_TYPES = (TWRW, TWCW)  # several shards: all inside one host
+
+
+@dataclass
+class ReplanConfig:
+    deterministic_time: float = 0.5  # CP-SAT deterministic-time units per solve (0: skip CP-SAT)
+    cp_targets: int = 8  # single-shard destinations offered to CP-SAT per option: the least loaded ranks
+    cp_tables: int = 200  # tables CP-SAT may change: those moving bytes, then the cheapest to move
+    max_cp_columns: int = 40_000  # skip CP-SAT above this many columns
+    max_steps: int = 20_000  # local-search steps
+
+
+@dataclass
+class ReplanResult:
+    assignment: Assignment
+    loads: np.ndarray
+    moved: int
+    scratch: SearchResult
+    scratch_moved: int
+    source: str  # "replan" or "scratch" (the from-scratch plan was better on the objective)
+    stats: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def makespan(self) -> float:
+        return float(self.loads.max()) if len(self.loads) else 0.0
+
+
+@dataclass
+class Previous:
+    """The previous plan seen from the new search space: each table's old layout and, where the
+    new space has the same option, that option on the old ranks ("stay")."""
+
+    layouts: List[Optional[Layout]]
+    stay: List[Optional[Tuple[int, np.ndarray]]]
+
+
+def map_previous(space: SearchSpace, previous: ShardingPlan, states: List[TableState]) -> Previous:
+    old = shardings(previous)
+    W = space.world_size
+    by_table = _options_by_table(space)
+    layouts: List[Optional[Layout]] = []
+    stay: List[Optional[Tuple[int, np.ndarray]]] = []
+    for t, table in enumerate(space.tables):
+        ps = old.get(table_key(table.path, table.name))
+        if ps is None:
+            layouts.append(None)
+            stay.append(None)
+            continue
+        layouts.append(Layout.of(ps, states[t].rows, states[t].dim))
+        ranks = np.array(ps.ranks or [], dtype=np.int64)
+        match = None
+        if len(ranks) and ranks.max() < W:
+            for o in by_table[t].tolist():
+                if (space.opt_type[o], space.opt_kernel[o]) == (ps.sharding_type, ps.compute_kernel) and int(
+                    space.opt_count[o]
+                ) == len(ranks):
+                    match = (o, ranks)
+                    break
+        stay.append(match)
+    return Previous(layouts, stay)
+
+
+def _options_by_table(space: SearchSpace) -> List[np.ndarray]:
+    order = np.argsort(space.opt_table, kind="stable")
+    bounds = np.searchsorted(space.opt_table[order], np.arange(len(space.tables) + 1))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(len(space.tables))]
+
+
+class _Columns:
+    """Every placement (option, ranks) considered per table, as dense per-rank arrays: perf load,
+    HBM, DDR and the bytes it moves."""
+
+    def __init__(self, space: SearchSpace, prev: Previous, states: List[TableState], scratch: Assignment) -> None:
+        W = space.world_size
+        L = max(1, min(space.local_world_size, W))
+        perf = space.shard_total
+        self._rows: Dict[str, list] = {k: [] for k in ("table", "option", "moved", "load", "hbm", "ddr")}
+        self.ranks: List[np.ndarray] = []
+        by_table = _options_by_table(space)
+        for t in range(len(space.tables)):
+            keep = {int(scratch.option[t])} | ({prev.stay[t][0]} if prev.stay[t] is not None else set())
+            seen: set = set()
+            for group in _geometry_groups(space, by_table[t]):
+                o0 = group[0]
+                sl0 = space.shards(o0)
+                geom = np.concatenate([space.shard_offset[sl0], space.shard_size[sl0]], axis=1)
+                n = len(geom)
+                if prev.layouts[t] is not None:
+                    carried, local = transfer(prev.layouts[t], states[t].dim, geom, W)
+                else:
+                    carried, local = np.zeros((n, 2), np.int64), np.zeros((n, W, 2), np.int64)
+                for o in _undominated(space, group, perf, keep):
+                    sl = space.shards(o)
+                    if n == 1:  # every rank at once
+                        m = carried[0][None, :] - local[0]
+                        w, opt = states[t].bytes(m[:, 0], m[:, 1])
+                        eye = np.eye(W)
+                        self._add(t, o, [np.array([r]) for r in range(W)], w + opt, eye * perf[sl][0],
+                                  (eye * space.shard_hbm[sl][0]).astype(np.int64), (eye * space.shard_ddr[sl][0]).astype(np.int64))
+                        seen.update((o, (r,)) for r in range(W))
+                        continue
+                    st = str(space.opt_type[o])
+                    if st in _UNIFORM_TYPES:
+                        placements = [np.arange(n)]
+                    elif st in _HOST_TYPES and n <= L:
+                        placements = [np.arange(s, s + n) for h in range(0, W, L) for s in range(h, h + L - n + 1)]
+                    else:  # several column-wise shards: consecutive ranks from each start
+                        placements = [(np.arange(n) + s) % W for s in range(W)]
+                    if prev.stay[t] is not None and prev.stay[t][0] == o:
+                        placements.append(prev.stay[t][1])
+                    if int(scratch.option[t]) == o:
+                        placements.append(scratch.ranks[t])
+                    for r in placements:
+                        r = np.asarray(r, dtype=np.int64)
+                        if (o, tuple(r.tolist())) in seen or len(r) != n:
+                            continue
+                        seen.add((o, tuple(r.tolist())))
+                        m = carried - local[np.arange(n), r]
+                        w, opt = states[t].bytes(m[:, 0], m[:, 1])
+                        rows = [np.zeros(W), np.zeros(W, np.int64), np.zeros(W, np.int64)]
+                        for row, values in zip(rows, (perf[sl], space.shard_hbm[sl], space.shard_ddr[sl])):
+                            np.add.at(row, r, values)
+                        self._add(t, o, [r], np.array([int(w.sum() + opt.sum())]), *(row[None, :] for row in rows))
+        rows = self._rows
+        self.table = np.concatenate(rows["table"]).astype(np.int64)
+        self.option = np.concatenate(rows["option"]).astype(np.int64)
+        self.moved = np.concatenate(rows["moved"]).astype(np.int64)
+        self.load = np.concatenate(rows["load"]).reshape(-1, W)
+        self.hbm = np.concatenate(rows["hbm"]).reshape(-1, W)
+        self.ddr = np.concatenate(rows["ddr"]).reshape(-1, W)
+        del self._rows
+        self.work = self.load.sum(axis=1)
+        self.bounds = np.searchsorted(self.table, np.arange(len(space.tables) + 1))
+        self.by_table = [np.arange(self.bounds[i], self.bounds[i + 1]) for i in range(len(space.tables))]
+        self.index = {(int(o), tuple(r.tolist())): c for c, (o, r) in enumerate(zip(self.option.tolist(), self.ranks))}
+        # sibling[c, r]: the same single-shard option of the same table on rank r (-1: none)
+        self.single = np.array([len(r) == 1 for r in self.ranks], dtype=bool)
+        self.rank_of = np.array([int(r[0]) if len(r) == 1 else -1 for r in self.ranks], dtype=np.int64)
+        self.sibling = np.full((len(self.option), W), -1, dtype=np.int64)
+        for c in np.nonzero(self.single)[0].tolist():
+            self.sibling[c] = [self.index[(int(self.option[c]), (q,))] for q in range(W)]
+
+    def _add(self, t: int, o: int, ranks: List[np.ndarray], moved, load, hbm, ddr) -> None:
+        k = len(ranks)
+        self.ranks.extend(ranks)
+        for name, value in (("table", np.full(k, t)), ("option", np.full(k, o)), ("moved", moved), ("load", load),
+                            ("hbm", hbm), ("ddr", ddr)):
+            self._rows[name].append(np.asarray(value))
+
+    def find(self, o: int, ranks: np.ndarray) -> int:
+        return self.index[(int(o), tuple(int(r) for r in ranks))]
+
+
+def _geometry_groups(space: SearchSpace, opts: np.ndarray) -> List[List[int]]:
+    """A table's options grouped by shard geometry (same shard sizes and offsets)."""
+    groups: Dict[bytes, List[int]] = {}
+    for o in opts.tolist():
+        sl = space.shards(o)
+        key = space.shard_size[sl].tobytes() + b"|" + space.shard_offset[sl].tobytes()
+        groups.setdefault(key, []).append(o)
+    return list(groups.values())
+
+
+def _undominated(space: SearchSpace, group: List[int], perf: np.ndarray, keep: set) -> List[int]:
+    """Options of one geometry without those another beats on every shard in perf, HBM and DDR
+    (ties keep the earlier). Options in `keep` always stay."""
+    if len(group) == 1:
+        return group
+    idx = np.array([np.arange(space.opt_start[o], space.opt_start[o] + space.opt_count[o]) for o in group])
+    vals = np.stack([perf[idx], space.shard_hbm[idx], space.shard_ddr[idx]], axis=-1)  # (k, n, 3)
+    le = (vals[:, None] <= vals[None, :]).all(axis=(2, 3))  # le[p, o]: p no worse than o
+    eq = (vals[:, None] == vals[None, :]).all(axis=(2, 3))
+    k = len(group)
+    earlier = np.arange(k)[:, None] < np.arange(k)[None, :]
+    beats = le & (~eq | earlier)
+    np.fill_diagonal(beats, False)
+    return [o for i, o in enumerate(group) if not beats[:, i].any() or o in keep]
+
+
+class _Placement:
+    """The chosen column per table with per-rank load, free memory and total moved bytes."""
+
+    def __init__(self, cols: _Columns, n_tables: int, hbm_cap: np.ndarray, ddr_cap: np.ndarray) -> None:
+        self.cols = cols
+        self.choice = np.full(n_tables, -1, dtype=np.int64)
+        W = cols.load.shape[1]
+        self.loads = np.zeros(W)
+        self.free_h = hbm_cap.astype(np.int64).copy()
+        self.free_d = ddr_cap.astype(np.int64).copy()
+        self.moved = 0
+
+    def copy(self) -> "_Placement":
+        other = object.__new__(_Placement)
+        other.cols = self.cols
+        other.choice = self.choice.copy()
+        other.loads = self.loads.copy()
+        other.free_h, other.free_d = self.free_h.copy(), self.free_d.copy()
+        other.moved = self.moved
+        return other
+
+    def set(self, t: int, c: int) -> None:
+        cols, cur = self.cols, int(self.choice[t])
+        if cur >= 0:
+            self.loads -= cols.load[cur]
+            self.free_h += cols.hbm[cur]
+            self.free_d += cols.ddr[cur]
+            self.moved -= int(cols.moved[cur])
+        self.loads += cols.load[c]
+        self.free_h -= cols.hbm[c]
+        self.free_d -= cols.ddr[c]
+        self.moved += int(cols.moved[c])
+        self.choice[t] = c
+
+    def fits(self, t: int, cand: np.ndarray) -> np.ndarray:
+        """Which candidate columns of table t fit in memory (its current column freed)."""
+        cols, cur = self.cols, int(self.choice[t])
+        fh, fd = self.free_h, self.free_d
+        if cur >= 0:
+            fh, fd = fh + cols.hbm[cur], fd + cols.ddr[cur]
+        return ((cols.hbm[cand] <= fh) & (cols.ddr[cand] <= fd)).all(axis=1)
+
+    def trial_loads(self, t: int, cand: np.ndarray) -> np.ndarray:
+        base = self.loads - self.cols.load[int(self.choice[t])] if self.choice[t] >= 0 else self.loads
+        return base[None, :] + self.cols.load[cand]
+
+    def assignment(self) -> Assignment:
+        return Assignment(self.cols.option[self.choice].copy(), [self.cols.ranks[c].copy() for c in self.choice.tolist()])
+
+
+def _infeasible(space: SearchSpace, t: int, p: _Placement, why: str) -> InfeasiblePlanError:
+    table = space.tables[t]
+    free = ", ".join(f"rank {r}: hbm={int(h)} B ddr={int(d)} B" for r, (h, d) in enumerate(zip(p.free_h, p.free_d)))
+    return InfeasiblePlanError(f"replan: table '{table.name}' ({table.rows}x{table.dim}, module '{table.path}') {why}\nfree per rank: {free}")
+
+
+def _construct(space: SearchSpace, cols: _Columns, prev: Previous, hbm_cap, ddr_cap, target: Optional[float],
+               budget: Optional[int]) -> Tuple[_Placement, List[bool]]:
+    """Kept tables where they were (if they still fit), then every other table largest first on the
+    column that moves least (within `target` when given), then the lowest peak."""
+    n = len(space.tables)
+    p = _Placement(cols, n, hbm_cap, ddr_cap)
+    pinned = [False] * n
+    for t in range(n):
+        if prev.stay[t] is None:
+            continue
+        c = cols.find(*prev.stay[t])
+        if p.fits(t, np.array([c]))[0]:
+            p.set(t, c)
+            pinned[t] = True
+    rest = [t for t in range(n) if p.choice[t] < 0]
+    min_work = np.array([cols.work[cols.by_table[t]].min() for t in rest]) if rest else np.zeros(0)
+    remaining = float(min_work.sum())
+    W = len(p.loads)
+    for i in np.argsort(-min_work, kind="stable").tolist():
+        t = rest[i]
+        remaining -= float(min_work[i])
+        cand = cols.by_table[t]
+        ok = p.fits(t, cand)
+        if not ok.any():
+            raise _infeasible(space, t, p, "does not fit next to the tables kept in place")
+        cand = cand[ok]
+        # As the from-scratch greedy: the higher of the peak and the average load all tables will make.
+        projected = np.maximum(p.trial_loads(t, cand).max(axis=1), (p.loads.sum() + cols.work[cand] + remaining) / W)
+        moved = cols.moved[cand]
+        over = projected > target if target is not None else np.zeros(len(cand), bool)
+        c = int(cand[np.lexsort((cand, cols.work[cand], projected, moved, over))[0]])
+        if budget is not None and p.moved + int(cols.moved[c]) > budget:
+            raise _infeasible(space, t, p, f"must move at least {int(cols.moved[c])} B, beyond max_moved_bytes={budget} "
+                                           f"({p.moved} B already moved by the tables placed before it)")
+        p.set(t, c)
+    return p, pinned
+
+
+@dataclass
+class _Changes:
+    """Candidate changes: table `t1` to column `c1`, and for swaps also `t2` to `c2` (-1: none);
+    with the per-rank loads after each and its change in moved bytes."""
+
+    t1: np.ndarray
+    c1: np.ndarray
+    t2: np.ndarray
+    c2: np.ndarray
+    trial: np.ndarray
+    delta: np.ndarray
+
+    def apply(self, p: "_Placement", i: int) -> None:
+        p.set(int(self.t1[i]), int(self.c1[i]))
+        if self.t2[i] >= 0:
+            p.set(int(self.t2[i]), int(self.c2[i]))
+
+
+def _neighbours(p: _Placement, top: int, free: np.ndarray, swaps: bool, anywhere: bool = False) -> Optional[_Changes]:
+    """Changes that take load off rank `top`: one table to another of its columns, or (`swaps`)
+    two single-shard tables swapping ranks. `anywhere`: single changes of every free table."""
+    cols, loads, cur = p.cols, p.loads, p.choice
+    parts = []
+    on_top = np.nonzero(free & ((cols.load[cur, top] > 0) | anywhere))[0]
+    if len(on_top):
+        lens = cols.bounds[on_top + 1] - cols.bounds[on_top]
+        owner = np.repeat(on_top, lens)
+        cand = np.repeat(cols.bounds[on_top] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+        old = cur[owner]
+        ok = (cand != old) & ((cols.hbm[cand] <= p.free_h + cols.hbm[old]) & (cols.ddr[cand] <= p.free_d + cols.ddr[old])).all(axis=1)
+        owner, cand, old = owner[ok], cand[ok], old[ok]
+        none = np.full(len(cand), -1)
+        parts.append((owner, cand, none, none, loads - cols.load[old] + cols.load[cand], cols.moved[cand] - cols.moved[old]))
+    single = cols.single[cur]
+    home = cols.rank_of[cur]
+    a = on_top[single[on_top]] if swaps else on_top[:0]
+    b = np.nonzero(free & single & (home != top))[0]
+    if len(a) and len(b):
+        ca, cb, rb = cur[a][:, None], cur[b][None, :], home[b][None, :]
+        na, nb = cols.sibling[ca, rb], cols.sibling[cb, top]
+        pa, pb = cols.load[ca, top], cols.load[cb, rb]
+        ok = (na >= 0) & (nb >= 0) & (pa > pb)
+        na, nb = np.where(ok, na, 0), np.where(ok, nb, 0)
+        for mem, free_mem in ((cols.hbm, p.free_h), (cols.ddr, p.free_d)):
+            ok &= mem[na, rb] <= free_mem[rb] + mem[cb, rb]
+            ok &= mem[nb, top] <= free_mem[top] + mem[ca, top]
+        i, j = np.nonzero(ok)
+        if len(i):
+            trial = np.repeat(loads[None, :], len(i), axis=0)
+            rows = np.arange(len(i))
+            trial[rows, top] += cols.load[nb[i, j], top] - pa[i, 0]
+            trial[rows, rb[0, j]] += cols.load[na[i, j], rb[0, j]] - pb[0, j]
+            delta = cols.moved[na[i, j]] + cols.moved[nb[i, j]] - cols.moved[ca[i, 0]] - cols.moved[cb[0, j]]
+            parts.append((a[i], na[i, j], b[j], nb[i, j], trial, delta))
+    if not parts:
+        return None
+    return _Changes(*(np.concatenate([part[k] for part in parts]) for k in range(6)))
+
+
+def _cut_work(p: _Placement, limit: float, free: np.ndarray) -> None:
+    """Switch tables to options with less total work (e.g. to data parallel when lookups grew),
+    fewest moved bytes per unit of work saved first, until the summed load is within `limit`."""
+    cols = p.cols
+    while p.loads.sum() > limit:
+        cur = p.choice[cols.table]
+        saved = cols.work[cur] - cols.work
+        ok = free[cols.table] & (saved > 0)
+        ok &= ((cols.hbm <= p.free_h + cols.hbm[cur]) & (cols.ddr <= p.free_d + cols.ddr[cur])).all(axis=1)
+        if not ok.any():
+            return
+        idx = np.nonzero(ok)[0]
+        ratio = (cols.moved[idx] - cols.moved[cur[idx]]) / saved[idx]
+        c = int(idx[np.lexsort((idx, -saved[idx], ratio))[0]])
+        p.set(int(cols.table[c]), c)
+
+
+def _repair(p: _Placement, target: float, free: np.ndarray, max_steps: int, rounds: int = 3) -> None:
+    """Mode 1: lower the load above `target` (summed over ranks), fewest moved bytes per unit of
+    excess removed first. When moving tables no longer helps, cut total work by the excess left
+    (`_cut_work`) and try again."""
+    limit = len(p.loads) * target
+    for _ in range(rounds):
+        _cut_work(p, limit, free)
+        for _ in range(max_steps):
+            top = int(np.argmax(p.loads))
+            if p.loads[top] <= target:
+                return
+            excess = np.clip(p.loads - target, 0, None).sum()
+            for swaps, anywhere in ((False, False), (False, True), (True, False)):  # wider only when needed
+                ch = _neighbours(p, top, free, swaps, anywhere)
+                if ch is None:
+                    continue
+                gain = excess - np.clip(ch.trial - target, 0, None).sum(axis=1)
+                ok = gain > excess * 1e-9
+                if ok.any():
+                    break
+            else:
+                break
+            idx = np.nonzero(ok)[0]
+            ratio = ch.delta[idx] / gain[idx]
+            ch.apply(p, int(idx[np.lexsort((idx, -gain[idx], ch.delta[idx], ratio))[0]]))
+        limit = min(limit, p.loads.sum()) - np.clip(p.loads - target, 0, None).sum()
+
+
+def _improve(p: _Placement, budget: int, free: np.ndarray, max_steps: int) -> None:
+    """Mode 2: lower (max-rank perf, ranks at it) by taking load off the top rank while the total
+    moved bytes stay within `budget`."""
+    for _ in range(max_steps):
+        peak0, count0 = _score(p.loads)
+        for swaps in (False, True):  # swaps only when no single move helps
+            ch = _neighbours(p, int(np.argmax(p.loads)), free, swaps)
+            if ch is None:
+                continue
+            peak = ch.trial.max(axis=1)
+            count = (ch.trial >= peak[:, None] * (1 - 1e-12)).sum(axis=1)
+            better = ((peak < peak0) | ((peak == peak0) & (count < count0))) & (p.moved + ch.delta <= budget)
+            if better.any():
+                break
+        else:
+            return
+        idx = np.nonzero(better)[0]
+        ch.apply(p, int(idx[np.lexsort((idx, ch.delta[idx], count[idx], peak[idx]))[0]]))
+
+
+def _trim(p: _Placement, limit: float, free: np.ndarray) -> None:
+    """Move tables back toward columns that move fewer bytes while every rank stays within `limit`."""
+    cols = p.cols
+    changed = True
+    while changed:
+        changed = False
+        costly = [t for t in np.nonzero(free)[0].tolist() if cols.moved[p.choice[t]] > 0]
+        for t in sorted(costly, key=lambda t: (-int(cols.moved[p.choice[t]]), t)):
+            cand = cols.by_table[t]
+            cand = cand[(cols.moved[cand] < cols.moved[p.choice[t]]) & p.fits(t, cand)]
+            if not len(cand):
+                continue
+            peak = p.trial_loads(t, cand).max(axis=1)
+            ok = peak <= limit
+            if ok.any():
+                cand, peak = cand[ok], peak[ok]
+                p.set(t, int(cand[np.lexsort((cand, peak, cols.moved[cand]))[0]]))
+                changed = True
+
+
+def _score(loads: np.ndarray) -> Tuple[float, int]:
+    peak = float(loads.max())
+    return peak, int(np.count_nonzero(loads >= peak * (1 - 1e-12)))
+
+
+def _cp_sat(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: Optional[float], budget: Optional[int],
+            config: ReplanConfig) -> Optional[np.ndarray]:
+    """CP-SAT over a subset of columns (current, zero-move, and single-shard columns on the least
+    loaded ranks): mode 1 minimises moved bytes with every rank within `target`; mode 2 minimises
+    max-rank perf with moved bytes within `budget`. Returns the new choice or None."""
+    from ortools.sat.python import cp_model
+
+    cols = p.cols
+    W = len(p.loads)
+    limit = target if target is not None else float(p.loads.max())
+    targets = np.zeros(W, bool)
+    targets[np.argsort(p.loads, kind="stable")[: config.cp_targets]] = True
+    # The tables CP-SAT may change: those that move bytes now, and the cheapest to move of the rest.
+    cur_moved = cols.moved[p.choice]
+    alt = np.where(cols.moved > cur_moved[cols.table], cols.moved - cur_moved[cols.table], np.iinfo(np.int64).max)
+    cheapest = np.minimum.reduceat(alt, cols.bounds[:-1]) / np.maximum(cols.work[p.choice], 1e-30)
+    order = np.lexsort((np.arange(len(p.choice)), cheapest))
+    focus = free & (cur_moved > 0)
+    rest = order[free[order] & ~focus[order]][: max(0, config.cp_tables - int(focus.sum()))]
+    focus[rest] = True
+    chosen: List[np.ndarray] = []
+    for t in range(len(p.choice)):
+        cand = cols.by_table[t]
+        if not focus[t]:
+            chosen.append(np.array([p.choice[t]]))
+            continue
+        near = ~cols.single[cand] | targets[np.maximum(cols.rank_of[cand], 0)] | (cols.moved[cand] == 0)
+        useful = cols.load[cand].max(axis=1) <= limit  # a column above the limit can never be chosen
+        chosen.append(cand[(near & useful) | (cand == p.choice[t])])
+    if sum(len(c) for c in chosen) > config.max_cp_columns:
+        return None
+    scale = 1e7 / max(target or float(p.loads.max()), 1e-30)
+    model = cp_model.CpModel()
+    xs: List[List[Tuple[object, int]]] = []
+    load_terms: List[List[Tuple[object, int]]] = [[] for _ in range(W)]
+    hbm_terms: List[List[Tuple[object, int]]] = [[] for _ in range(W)]
+    ddr_terms: List[List[Tuple[object, int]]] = [[] for _ in range(W)]
+    move_terms: List[Tuple[object, int]] = []
+    for t, cand in enumerate(chosen):
+        row = []
+        for c in cand.tolist():
+            x = model.new_bool_var("")
+            model.add_hint(x, c == p.choice[t])
+            for r in np.nonzero(cols.load[c])[0].tolist():
+                load_terms[r].append((x, int(round(cols.load[c, r] * scale))))
+            for r in np.nonzero(cols.hbm[c])[0].tolist():
+                hbm_terms[r].append((x, int(cols.hbm[c, r])))
+            for r in np.nonzero(cols.ddr[c])[0].tolist():
+                ddr_terms[r].append((x, int(cols.ddr[c, r])))
+            if cols.moved[c]:
+                move_terms.append((x, int(cols.moved[c])))
+            row.append((x, c))
+        model.add_exactly_one(x for x, _ in row)
+        xs.append(row)
+    for r in range(W):
+        for terms, cap in ((hbm_terms[r], hbm_cap[r]), (ddr_terms[r], ddr_cap[r])):
+            if sum(v for _, v in terms) > cap:
+                model.add(sum(v * x for x, v in terms) <= int(cap))
+    moved = sum(v * x for x, v in move_terms) if move_terms else 0
+    if target is not None:
+        for r in range(W):
+            model.add(sum(v * x for x, v in load_terms[r]) <= int(math.floor(target * scale)))
+        model.minimize(moved)
+    else:
+        z = model.new_int_var(0, 2**50, "peak")
+        for r in range(W):
+            model.add(sum(v * x for x, v in load_terms[r]) <= z)
+        if move_terms:
+            model.add(moved <= int(budget))
+        model.minimize(z)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 8
+    solver.parameters.interleave_search = True  # the portfolio (LNS included) in one thread, deterministically
+    solver.parameters.random_seed = 0
+    solver.parameters.max_deterministic_time = config.deterministic_time
+    if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    return np.array([next(c for x, c in row if solver.boolean_value(x)) for row in xs], dtype=np.int64)
+
+
+def _apply(p: _Placement, choice: np.ndarray) -> _Placement:
+    q = p.copy()
+    for t, c in enumerate(choice.tolist()):
+        if c != q.choice[t]:
+            q.set(t, c)
+    return q
+
+
+def _fits_all(p: _Placement) -> bool:
+    return bool((p.free_h >= 0).all() and (p.free_d >= 0).all())
+
+
+def _polish(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: Optional[float], budget: Optional[int],
+            config: ReplanConfig) -> Tuple[_Placement, float]:
+    """CP-SAT from `p`; keeps its answer only if it is better on the mode's objective and fits."""
+    if config.deterministic_time <= 0 or not free.any():
+        return p, 0.0
+    start = time.perf_counter()
+    choice = _cp_sat(p, free, hbm_cap, ddr_cap, target, budget, config)
+    if choice is not None:
+        q = _apply(p, choice)
+        if target is not None:
+            better = q.moved < p.moved and q.loads.max() <= target
+        else:
+            better = _score(q.loads) < _score(p.loads) and q.moved <= budget
+        if better and _fits_all(q):
+            p = q
+    return p, time.perf_counter() - start
+
+
+def replan_search(
+    space: SearchSpace,
+    hbm_cap: np.ndarray,
+    ddr_cap: np.ndarray,
+    previous: ShardingPlan,
+    states: List[TableState],
+    max_moved_bytes: Optional[int] = None,
+    max_slowdown: float = 0.01,
+    search_config: Optional[SearchConfig] = None,
+    config: Optional[ReplanConfig] = None,
+) -> ReplanResult:
+    if max_moved_bytes is not None and max_moved_bytes < 0:
+        raise ValueError(f"max_moved_bytes must be >= 0, got {max_moved_bytes}")
+    if not (max_slowdown >= 0 and math.isfinite(max_slowdown)):
+        raise ValueError(f"max_slowdown must be a finite number >= 0, got {max_slowdown}")
+    config = config or ReplanConfig()
+    t0 = time.perf_counter()
+    scratch = search(space, hbm_cap, ddr_cap, search_config)
+    t1 = time.perf_counter()
+    prev = map_previous(space, previous, states)
+    cols = _Columns(space, prev, states, scratch.assignment)
+    scratch_cols = np.array([cols.find(o, r) for o, r in zip(scratch.assignment.option.tolist(), scratch.assignment.ranks)],
+                            dtype=np.int64)
+    scratch_moved = int(cols.moved[scratch_cols].sum())
+    n = len(space.tables)
+    if max_moved_bytes is None:
+        target = scratch.makespan * (1 + max_slowdown)
+        p, _ = _construct(space, cols, prev, hbm_cap, ddr_cap, target, None)
+        free = np.ones(n, bool)
+        _repair(p, target, free, config.max_steps)
+        if p.loads.max() > target:  # the from-scratch plan always meets the target: start from it
+            p = _apply(p, scratch_cols)
+        _trim(p, target, free)
+        p, cp_s = _polish(p, free, hbm_cap, ddr_cap, target, None, config)
+        _improve(p, p.moved, free, config.max_steps)  # then the best perf for those bytes
+    else:
+        p, pinned = _construct(space, cols, prev, hbm_cap, ddr_cap, None, max_moved_bytes)
+        # Budget 0: kept tables stay exactly as they were; only new and changed tables move.
+        free = ~np.array(pinned) if max_moved_bytes == 0 else np.ones(n, bool)
+        _improve(p, max_moved_bytes, free, config.max_steps)
+        p, cp_s = _polish(p, free, hbm_cap, ddr_cap, None, max_moved_bytes, config)
+        if p.moved:  # then the fewest bytes for that perf
+            _trim(p, float(p.loads.max()), free)
+            p, more = _polish(p, free, hbm_cap, ddr_cap, float(p.loads.max()), None, config)
+            cp_s += more
+    _trim(p, float(p.loads.max()), free)
+    stats = {"scratch_s": t1 - t0, "replan_s": time.perf_counter() - t1, "cp_sat_s": cp_s}
+    source = "replan"
+    mine, theirs = (p.moved, float(p.loads.max())), (scratch_moved, scratch.makespan)
+    if max_moved_bytes is None:
+        use_scratch = theirs < mine
+    else:
+        use_scratch = max_moved_bytes > 0 and scratch_moved <= max_moved_bytes and theirs[::-1] < mine[::-1]
+    if use_scratch:
+        p = _apply(p, scratch_cols)
+        source = "scratch"
+    return ReplanResult(p.assignment(), p.loads.copy(), int(p.moved), scratch, scratch_moved, source, stats)
