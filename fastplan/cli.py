@@ -16,7 +16,7 @@ EPILOG = {
     "cache": "example: fastplan cache list; fastplan cache export /shared/plans; fastplan cache import /shared/plans",
     "explain": "example: fastplan explain plan.pt --plot plan.png",
     "bench": "example: fastplan bench --sizes 50 500 --world-sizes 8 --torchrec-max 50 --plot bench.png",
-}
+}  # re-planning: fastplan plan ... --previous old.plan --out new.plan; fastplan diff old.plan new.plan
 
 
 class CliError(Exception):
@@ -84,9 +84,20 @@ def cmd_plan(args) -> int:
         topology=topology, batch_size=args.batch_size, constraints=_load_constraints(args.constraints),
         cache=PlanCache(args.cache_dir) if args.cache_dir else PlanCache.default(), debug=False,
     )
-    plan = planner.plan(module, [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()])
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    # ---- re-planning (fastplan.replan_cli) --------------------------------------------------
+    diff = None
+    if args.previous:
+        from fastplan.replan_cli import replan_previous
+
+        plan, diff = replan_previous(planner, module, sharders, args, CliError)
+    else:
+        plan = planner.plan(module, sharders)
+    # ---- end re-planning ----------------------------------------------------------------------
     report = planner.last_report
     print(report.table() if report else "empty plan: the module has no shardable tables")
+    if diff is not None:
+        print(diff.table())
     if args.show_tables:
         print(plan)
     if args.out:
@@ -236,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-tables", action="store_true", help="also print TorchRec's per-table plan")
     p.add_argument("--cache-dir")
     p.set_defaults(fn=cmd_plan)
+    # ---- re-planning (fastplan.replan_cli): plan --previous, diff -----------------------------
+    from fastplan.replan_cli import add_diff_command, add_replan_arguments
+
+    add_replan_arguments(p)
+    add_diff_command(sub, CliError)
+    # ---- end re-planning ----------------------------------------------------------------------
 
     c = sub.add_parser("cache", help="list/show/clear/export/import cached plans", epilog=EPILOG["cache"])
     c.add_argument("action", choices=["list", "show", "clear", "export", "import"])

@@ -76,16 +76,15 @@ class LoadReport:
 
 
 # ---- checkpoint metadata without arbitrary unpickling -----------------------------------------
-_ALLOWED = {
+_ALLOWED = {  # what DCP's metadata pickle refers to; nothing here runs code or touches files
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch": {"Size", "strided", "contiguous_format", "preserve_format"},
-    "torch._utils": {"_rebuild_tensor_v2"},
-    "collections": {"OrderedDict"},
-    "builtins": {"set", "frozenset", "slice"},
+    "torch.serialization": {"_get_layout"},  # returns a torch.layout by name, nothing else
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
 }
 
 

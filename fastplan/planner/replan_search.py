@@ -31,9 +31,10 @@ _HOST_TYPES = (TWRW, TWCW)  # several shards: all inside one host
 @dataclass
 class ReplanConfig:
     deterministic_time: float = 0.5  # CP-SAT deterministic-time units per solve (0: skip CP-SAT)
+    cp_workers: int = 4  # CP-SAT subsolvers, interleaved in one thread
     cp_targets: int = 8  # single-shard destinations offered to CP-SAT per option: the least loaded ranks
     cp_tables: int = 200  # tables CP-SAT may change: those moving bytes, then the cheapest to move
-    max_cp_columns: int = 40_000  # skip CP-SAT above this many columns
+    max_cp_columns: int = 40_000  # skip CP-SAT above this many columns in its model
     max_steps: int = 20_000  # local-search steps
 
 
@@ -361,17 +362,25 @@ def _cut_work(p: _Placement, limit: float, free: np.ndarray) -> None:
     """Switch tables to options with less total work (e.g. to data parallel when lookups grew),
     fewest moved bytes per unit of work saved first, until the summed load is within `limit`."""
     cols = p.cols
+    ratio = np.full(len(cols.table), np.inf)
+
+    def rate(idx: np.ndarray) -> None:
+        cur = p.choice[cols.table[idx]]
+        saved = cols.work[cur] - cols.work[idx]
+        ok = free[cols.table[idx]] & (saved > 0)
+        ratio[idx] = np.where(ok, (cols.moved[idx] - cols.moved[cur]) / np.where(ok, saved, 1), np.inf)
+
+    rate(np.arange(len(cols.table)))
     while p.loads.sum() > limit:
-        cur = p.choice[cols.table]
-        saved = cols.work[cur] - cols.work
-        ok = free[cols.table] & (saved > 0)
-        ok &= ((cols.hbm <= p.free_h + cols.hbm[cur]) & (cols.ddr <= p.free_d + cols.ddr[cur])).all(axis=1)
-        if not ok.any():
+        c = int(np.argmin(ratio))  # lowest index among equal ratios
+        if not np.isfinite(ratio[c]):
             return
-        idx = np.nonzero(ok)[0]
-        ratio = (cols.moved[idx] - cols.moved[cur[idx]]) / saved[idx]
-        c = int(idx[np.lexsort((idx, -saved[idx], ratio))[0]])
-        p.set(int(cols.table[c]), c)
+        t = int(cols.table[c])
+        if p.fits(t, np.array([c]))[0]:
+            p.set(t, c)
+            rate(cols.by_table[t])
+        else:
+            ratio[c] = np.inf
 
 
 def _repair(p: _Placement, target: float, free: np.ndarray, max_steps: int, rounds: int = 3) -> None:
@@ -391,14 +400,15 @@ def _repair(p: _Placement, target: float, free: np.ndarray, max_steps: int, roun
                 if ch is None:
                     continue
                 gain = excess - np.clip(ch.trial - target, 0, None).sum(axis=1)
-                ok = gain > excess * 1e-9
+                total = ch.trial.sum(axis=1)  # no change may undo what `_cut_work` saved
+                ok = (gain > excess * 1e-9) & (total <= max(limit, p.loads.sum()) * (1 + 1e-12))
                 if ok.any():
                     break
             else:
                 break
             idx = np.nonzero(ok)[0]
             ratio = ch.delta[idx] / gain[idx]
-            ch.apply(p, int(idx[np.lexsort((idx, -gain[idx], ch.delta[idx], ratio))[0]]))
+            ch.apply(p, int(idx[np.lexsort((idx, -gain[idx], total[idx], ratio))[0]]))
         limit = min(limit, p.loads.sum()) - np.clip(p.loads - target, 0, None).sum()
 
 
@@ -447,84 +457,67 @@ def _score(loads: np.ndarray) -> Tuple[float, int]:
     return peak, int(np.count_nonzero(loads >= peak * (1 - 1e-12)))
 
 
-def _cp_sat(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: Optional[float], budget: Optional[int],
-            config: ReplanConfig) -> Optional[np.ndarray]:
-    """CP-SAT over a subset of columns (current, zero-move, and single-shard columns on the least
-    loaded ranks): mode 1 minimises moved bytes with every rank within `target`; mode 2 minimises
-    max-rank perf with moved bytes within `budget`. Returns the new choice or None."""
+def _cp_sat(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: float, config: ReplanConfig) -> Optional[np.ndarray]:
+    """CP-SAT: the fewest moved bytes with every rank within `target`, over the tables that move
+    bytes now and the cheapest to move of the rest (up to `cp_tables`), each offered its zero-move
+    columns and single-shard columns on the least loaded ranks. Returns the new choice or None."""
     from ortools.sat.python import cp_model
 
     cols = p.cols
     W = len(p.loads)
-    limit = target if target is not None else float(p.loads.max())
     targets = np.zeros(W, bool)
     targets[np.argsort(p.loads, kind="stable")[: config.cp_targets]] = True
-    # The tables CP-SAT may change: those that move bytes now, and the cheapest to move of the rest.
     cur_moved = cols.moved[p.choice]
     alt = np.where(cols.moved > cur_moved[cols.table], cols.moved - cur_moved[cols.table], np.iinfo(np.int64).max)
     cheapest = np.minimum.reduceat(alt, cols.bounds[:-1]) / np.maximum(cols.work[p.choice], 1e-30)
     order = np.lexsort((np.arange(len(p.choice)), cheapest))
     focus = free & (cur_moved > 0)
-    rest = order[free[order] & ~focus[order]][: max(0, config.cp_tables - int(focus.sum()))]
-    focus[rest] = True
-    chosen: List[np.ndarray] = []
+    focus[order[free[order] & ~focus[order]][: max(0, config.cp_tables - int(focus.sum()))]] = True
+    chosen = []
     for t in range(len(p.choice)):
         cand = cols.by_table[t]
-        if not focus[t]:
-            chosen.append(np.array([p.choice[t]]))
-            continue
         near = ~cols.single[cand] | targets[np.maximum(cols.rank_of[cand], 0)] | (cols.moved[cand] == 0)
-        useful = cols.load[cand].max(axis=1) <= limit  # a column above the limit can never be chosen
-        chosen.append(cand[(near & useful) | (cand == p.choice[t])])
+        useful = cols.load[cand].max(axis=1) <= target  # a column above the target can never be chosen
+        chosen.append(cand[(near & useful & focus[t]) | (cand == p.choice[t])])
     if sum(len(c) for c in chosen) > config.max_cp_columns:
         return None
-    scale = 1e7 / max(target or float(p.loads.max()), 1e-30)
+    scale = 1e7 / target
     model = cp_model.CpModel()
-    xs: List[List[Tuple[object, int]]] = []
-    load_terms: List[List[Tuple[object, int]]] = [[] for _ in range(W)]
-    hbm_terms: List[List[Tuple[object, int]]] = [[] for _ in range(W)]
-    ddr_terms: List[List[Tuple[object, int]]] = [[] for _ in range(W)]
-    move_terms: List[Tuple[object, int]] = []
+    rows: List[List[Tuple[object, int]]] = []
+    load = [[] for _ in range(W)]
+    hbm = [[] for _ in range(W)]
+    ddr = [[] for _ in range(W)]
+    moved = []
     for t, cand in enumerate(chosen):
         row = []
         for c in cand.tolist():
             x = model.new_bool_var("")
             model.add_hint(x, c == p.choice[t])
-            for r in np.nonzero(cols.load[c])[0].tolist():
-                load_terms[r].append((x, int(round(cols.load[c, r] * scale))))
-            for r in np.nonzero(cols.hbm[c])[0].tolist():
-                hbm_terms[r].append((x, int(cols.hbm[c, r])))
-            for r in np.nonzero(cols.ddr[c])[0].tolist():
-                ddr_terms[r].append((x, int(cols.ddr[c, r])))
+            for terms, values, scaled in ((load, cols.load[c], scale), (hbm, cols.hbm[c], 1), (ddr, cols.ddr[c], 1)):
+                for r in np.nonzero(values)[0].tolist():
+                    terms[r].append((x, int(round(values[r] * scaled))))
             if cols.moved[c]:
-                move_terms.append((x, int(cols.moved[c])))
+                moved.append((x, int(cols.moved[c])))
             row.append((x, c))
         model.add_exactly_one(x for x, _ in row)
-        xs.append(row)
+        rows.append(row)
     for r in range(W):
-        for terms, cap in ((hbm_terms[r], hbm_cap[r]), (ddr_terms[r], ddr_cap[r])):
+        model.add(sum(v * x for x, v in load[r]) <= int(math.floor(target * scale)))
+        for terms, cap in ((hbm[r], hbm_cap[r]), (ddr[r], ddr_cap[r])):
             if sum(v for _, v in terms) > cap:
                 model.add(sum(v * x for x, v in terms) <= int(cap))
-    moved = sum(v * x for x, v in move_terms) if move_terms else 0
-    if target is not None:
-        for r in range(W):
-            model.add(sum(v * x for x, v in load_terms[r]) <= int(math.floor(target * scale)))
-        model.minimize(moved)
-    else:
-        z = model.new_int_var(0, 2**50, "peak")
-        for r in range(W):
-            model.add(sum(v * x for x, v in load_terms[r]) <= z)
-        if move_terms:
-            model.add(moved <= int(budget))
-        model.minimize(z)
+    model.minimize(sum(v * x for x, v in moved))
     solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 8
-    solver.parameters.interleave_search = True  # the portfolio (LNS included) in one thread, deterministically
+    # A portfolio (LNS included) interleaved in one thread: deterministic, and it improves on the
+    # hint where a single worker does not.
+    solver.parameters.num_workers = config.cp_workers
+    solver.parameters.interleave_search = True
+    solver.parameters.interleave_batch_size = 1  # so the deterministic-time limit holds
     solver.parameters.random_seed = 0
     solver.parameters.max_deterministic_time = config.deterministic_time
     if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
-    return np.array([next(c for x, c in row if solver.boolean_value(x)) for row in xs], dtype=np.int64)
+    return np.array([next(c for x, c in row if solver.boolean_value(x)) for row in rows], dtype=np.int64)
 
 
 def _apply(p: _Placement, choice: np.ndarray) -> _Placement:
@@ -535,26 +528,31 @@ def _apply(p: _Placement, choice: np.ndarray) -> _Placement:
     return q
 
 
-def _fits_all(p: _Placement) -> bool:
-    return bool((p.free_h >= 0).all() and (p.free_d >= 0).all())
-
-
-def _polish(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: Optional[float], budget: Optional[int],
-            config: ReplanConfig) -> Tuple[_Placement, float]:
-    """CP-SAT from `p`; keeps its answer only if it is better on the mode's objective and fits."""
-    if config.deterministic_time <= 0 or not free.any():
+def _polish(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: float, config: ReplanConfig) -> Tuple[_Placement, float]:
+    """CP-SAT from `p` (fewest bytes within `target`); its answer is kept only if it moves fewer
+    bytes, meets the target exactly (not just in CP-SAT's rounded units) and fits in memory."""
+    if config.deterministic_time <= 0 or p.moved == 0 or not free.any():
         return p, 0.0
     start = time.perf_counter()
-    choice = _cp_sat(p, free, hbm_cap, ddr_cap, target, budget, config)
+    choice = _cp_sat(p, free, hbm_cap, ddr_cap, target, config)
     if choice is not None:
         q = _apply(p, choice)
-        if target is not None:
-            better = q.moved < p.moved and q.loads.max() <= target
-        else:
-            better = _score(q.loads) < _score(p.loads) and q.moved <= budget
-        if better and _fits_all(q):
+        if q.moved < p.moved and q.loads.max() <= target and (q.free_h >= 0).all() and (q.free_d >= 0).all():
             p = q
     return p, time.perf_counter() - start
+
+
+def _fewest_bytes(space, cols, prev, hbm_cap, ddr_cap, target: float, scratch_cols: np.ndarray,
+                  config: ReplanConfig) -> Tuple[_Placement, np.ndarray, float]:
+    """Mode 1: the fewest moved bytes with every rank within `target`."""
+    p, _ = _construct(space, cols, prev, hbm_cap, ddr_cap, target, None)
+    free = np.ones(len(space.tables), bool)
+    _repair(p, target, free, config.max_steps)
+    if p.loads.max() > target:  # the from-scratch plan always meets the target: start from it
+        p = _apply(p, scratch_cols)
+    _trim(p, target, free)
+    p, cp_s = _polish(p, free, hbm_cap, ddr_cap, target, config)
+    return p, free, cp_s
 
 
 def replan_search(
@@ -582,25 +580,30 @@ def replan_search(
                             dtype=np.int64)
     scratch_moved = int(cols.moved[scratch_cols].sum())
     n = len(space.tables)
+    target = scratch.makespan * (1 + max_slowdown)
     if max_moved_bytes is None:
-        target = scratch.makespan * (1 + max_slowdown)
-        p, _ = _construct(space, cols, prev, hbm_cap, ddr_cap, target, None)
-        free = np.ones(n, bool)
-        _repair(p, target, free, config.max_steps)
-        if p.loads.max() > target:  # the from-scratch plan always meets the target: start from it
-            p = _apply(p, scratch_cols)
-        _trim(p, target, free)
-        p, cp_s = _polish(p, free, hbm_cap, ddr_cap, target, None, config)
+        p, free, cp_s = _fewest_bytes(space, cols, prev, hbm_cap, ddr_cap, target, scratch_cols, config)
         _improve(p, p.moved, free, config.max_steps)  # then the best perf for those bytes
     else:
         p, pinned = _construct(space, cols, prev, hbm_cap, ddr_cap, None, max_moved_bytes)
-        # Budget 0: kept tables stay exactly as they were; only new and changed tables move.
-        free = ~np.array(pinned) if max_moved_bytes == 0 else np.ones(n, bool)
+        # New and changed tables first (kept ones pinned), then everything within the budget.
+        # Budget 0 stops there: kept tables stay exactly as they were.
+        free = ~np.array(pinned)
         _improve(p, max_moved_bytes, free, config.max_steps)
-        p, cp_s = _polish(p, free, hbm_cap, ddr_cap, None, max_moved_bytes, config)
+        if max_moved_bytes > 0:
+            free = np.ones(n, bool)
+            _improve(p, max_moved_bytes, free, config.max_steps)
+        cp_s = 0.0
+        if max_moved_bytes > 0:  # the fewest-bytes plan within the slowdown may also fit the budget, and be faster
+            q, _, more = _fewest_bytes(space, cols, prev, hbm_cap, ddr_cap, target, scratch_cols, config)
+            cp_s += more
+            if q.moved <= max_moved_bytes:
+                _improve(q, max_moved_bytes, free, config.max_steps)
+                if _score(q.loads) < _score(p.loads):
+                    p = q
         if p.moved:  # then the fewest bytes for that perf
             _trim(p, float(p.loads.max()), free)
-            p, more = _polish(p, free, hbm_cap, ddr_cap, float(p.loads.max()), None, config)
+            p, more = _polish(p, free, hbm_cap, ddr_cap, float(p.loads.max()), config)
             cp_s += more
     _trim(p, float(p.loads.max()), free)
     stats = {"scratch_s": t1 - t0, "replan_s": time.perf_counter() - t1, "cp_sat_s": cp_s}
