@@ -220,26 +220,30 @@ def _rowwise_pieces(
         if box is None or int(box[2]) != shard.tensor.numel():
             return None
         r0, c0, nr, nc = (int(v) for v in box)
-        parts = []  # (weight, target rows slice, saved offset)
+        # The old shards of this column range if there are any (exact), else every old shard whose
+        # columns overlap (their states are combined): the rule `fastplan.planner.diff` counts by.
+        exact = any((sc0, snc) == (c0, nc) for _, sc0, _, snc in s_boxes.tolist())
+        parts = []  # (weight, target row offset, rows, saved offset)
         for (sr0, sc0, snr, snc), so in zip(s_boxes.tolist(), s_offsets.tolist()):
             cols = min(c0 + nc, sc0 + snc) - max(c0, sc0)
             lo, hi = max(r0, sr0), min(r0 + nr, sr0 + snr)
-            if cols > 0 and hi > lo:
-                parts.append(((sc0, snc) == (c0, nc), cols / nc, lo - r0, hi - lo, so + lo - sr0))
-        if all(exact for exact, *_ in parts):
-            pieces += [_Piece((so,), shard.tensor.narrow(0, start, n)) for _, _, start, n, so in parts]
+            if cols > 0 and hi > lo and (not exact or (sc0, snc) == (c0, nc)):
+                parts.append((cols / nc, lo - r0, hi - lo, so + lo - sr0))
+        if exact:
+            pieces += [_Piece((so,), shard.tensor.narrow(0, start, n)) for _, start, n, so in parts]
             continue
         approximate = True
-        covered: Dict[Tuple[int, int], List[Tuple[float, torch.Tensor]]] = {}
-        for _, w, start, n, so in parts:
-            buf = torch.empty(n, dtype=shard.tensor.dtype)
-            pieces.append(_Piece((so,), buf))
-            covered.setdefault((start, n), []).append((w, buf))
+        reads = [(w, start, torch.empty(n, dtype=shard.tensor.dtype)) for w, start, n, _ in parts]
+        pieces += [_Piece((so,), buf) for (_, _, _, so), (_, _, buf) in zip(parts, reads)]
 
-        def combine(target=shard.tensor, covered=covered) -> None:
-            for (start, n), terms in covered.items():
-                total = sum(w * buf.double() for w, buf in terms) / sum(w for w, _ in terms)
-                target.narrow(0, start, n).copy_(total.to(target.dtype))
+        def combine(target=shard.tensor, reads=reads) -> None:  # column-weighted mean, row by row
+            total = torch.zeros(target.numel(), dtype=torch.float64)
+            weight = torch.zeros(target.numel(), dtype=torch.float64)
+            for w, start, buf in reads:
+                total[start : start + len(buf)] += w * buf.double()
+                weight[start : start + len(buf)] += w
+            got = weight > 0
+            target[got] = (total[got] / weight[got]).to(target.dtype)
 
         fixups.append(combine)
     return pieces, fixups, approximate

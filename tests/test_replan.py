@@ -52,7 +52,7 @@ def test_removed_tables_rebalance_within_the_budget():
     assert spent.max_rank_perf < pinned.max_rank_perf
 
 
-def test_the_reported_moves_match_an_independent_diff():
+def test_the_bytes_the_search_counts_are_the_bytes_the_plans_differ_by():
     tables = [EmbeddingBagConfig(name=t.name, feature_names=t.feature_names, embedding_dim=t.embedding_dim,
                                  num_embeddings=t.num_embeddings * (3 if i % 7 == 0 else 1)) for i, t in enumerate(BASE)]
     planner = _planner()
@@ -60,8 +60,9 @@ def test_the_reported_moves_match_an_independent_diff():
     base = _base()
     plan, diff = planner.replan(module, SHARDERS, base, max_moved_bytes=10**5)
     states = {table_key(t.path, t.name): table_state(t) for t in collect_tables(module, SHARDERS, "cuda", 512)}
+    assert planner.last_report.moved_bytes == diff.moved_bytes > 0  # search columns vs plan geometry
     again = diff_plans(base, plan, states, world_size=4)
-    assert again.moved_bytes == diff.moved_bytes and again.received == diff.received and again.sent == diff.sent
+    assert again.received == diff.received and again.sent == diff.sent
     assert sum(diff.received) == sum(diff.sent) == diff.moved_bytes
     # A data-parallel sharding records no shape, so only the others can show the growth.
     grown = {f"table_{i}" for i in range(0, 80, 7) if base.plan[""][f"table_{i}"].sharding_type != "data_parallel"}

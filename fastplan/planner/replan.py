@@ -25,9 +25,21 @@ REPLAN_VERSION = "fastplan-replan-1"  # bump when the replan search changes plan
 
 @dataclasses.dataclass
 class ReplanReport(PlanReport):
-    """A `PlanReport` of a replanned plan, with its `PlanDiff` against the previous plan."""
+    """A `PlanReport` of a replanned plan, with what planning from scratch would have given."""
 
-    diff: Optional[PlanDiff] = None
+    moved_bytes: Optional[int] = None  # as the search counted them
+    scratch_max_rank_perf: Optional[float] = None
+    scratch_moved_bytes: Optional[int] = None
+
+
+def _diff(previous: ShardingPlan, plan: ShardingPlan, states: Dict[str, TableState], world_size: int,
+          report: PlanReport) -> PlanDiff:
+    """The diff is recomputed from the plans (also on a cache hit); perf comes from the report."""
+    diff = diff_plans(previous, plan, states, world_size=world_size)
+    diff.rank_perf = [r.perf for r in report.ranks]
+    diff.scratch_max_rank_perf = getattr(report, "scratch_max_rank_perf", None)
+    diff.scratch_moved_bytes = getattr(report, "scratch_moved_bytes", None)
+    return diff
 
 
 def _check_previous(previous: ShardingPlan) -> None:
@@ -91,7 +103,7 @@ def replan(
         report.planning_seconds = time.perf_counter() - start
         report.source = "cache"
         planner._finish(report)
-        return plan, report.diff
+        return plan, _diff(previous, plan, states, topo.world_size, report)
     return _replan_tables(planner, module, sharders, tables, states, previous, max_moved_bytes, max_slowdown,
                           config, start, key)
 
@@ -106,20 +118,18 @@ def _replan_tables(planner, module, sharders, tables, states, previous, max_move
         max_moved_bytes, max_slowdown, planner._search_config, config,
     )
     plan = to_sharding_plan(space, result.assignment, topo.compute_device)
-    diff = diff_plans(previous, plan, states, world_size=topo.world_size)
-    diff.rank_perf = result.loads.tolist()
-    diff.scratch_max_rank_perf = result.scratch.makespan
-    diff.scratch_moved_bytes = result.scratch_moved
     scratch = result.scratch
     summary = SearchResult(result.assignment, result.loads, scratch.greedy_makespan, scratch.lower_bound,
                            {**scratch.stats, **result.stats})
     base = build_report(space, summary, hbm_cap, ddr_cap, time.perf_counter() - start)
-    report = ReplanReport(**{f.name: getattr(base, f.name) for f in dataclasses.fields(PlanReport)}, diff=diff)
+    report = ReplanReport(**{f.name: getattr(base, f.name) for f in dataclasses.fields(PlanReport)},
+                          moved_bytes=result.moved, scratch_max_rank_perf=scratch.makespan,
+                          scratch_moved_bytes=result.scratch_moved)
     report.source = f"replanned ({result.source})"
     if key is not None:
         planner.cache.put(key, plan, report)
     planner._finish(report)
-    return plan, diff
+    return plan, _diff(previous, plan, states, topo.world_size, report)
 
 
 class _Replanning:

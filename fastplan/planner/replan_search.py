@@ -24,6 +24,7 @@ from fastplan.planner.errors import InfeasiblePlanError
 from fastplan.planner.search import Assignment, SearchConfig, SearchResult, search
 from fastplan.planner.search_space import SearchSpace
 
+_EPS = 1e-9  # relative perf differences below this are float noise
 _UNIFORM_TYPES = (RW, DP)  # shard i on rank i
 _HOST_TYPES = (TWRW, TWCW)  # several shards: all inside one host
 
@@ -401,7 +402,7 @@ def _repair(p: _Placement, target: float, free: np.ndarray, max_steps: int, roun
                     continue
                 gain = excess - np.clip(ch.trial - target, 0, None).sum(axis=1)
                 total = ch.trial.sum(axis=1)  # no change may undo what `_cut_work` saved
-                ok = (gain > excess * 1e-9) & (total <= max(limit, p.loads.sum()) * (1 + 1e-12))
+                ok = (gain > excess * _EPS) & (total <= max(limit, p.loads.sum()) * (1 + _EPS))
                 if ok.any():
                     break
             else:
@@ -422,8 +423,11 @@ def _improve(p: _Placement, budget: int, free: np.ndarray, max_steps: int) -> No
             if ch is None:
                 continue
             peak = ch.trial.max(axis=1)
-            count = (ch.trial >= peak[:, None] * (1 - 1e-12)).sum(axis=1)
-            better = ((peak < peak0) | ((peak == peak0) & (count < count0))) & (p.moved + ch.delta <= budget)
+            count = (ch.trial >= peak[:, None] * (1 - _EPS)).sum(axis=1)
+            # Better by more than float noise, so that no sequence of changes can cycle.
+            lower = peak < peak0 * (1 - _EPS)
+            same = (peak <= peak0 * (1 + _EPS)) & (count < count0)
+            better = (lower | same) & (p.moved + ch.delta <= budget)
             if better.any():
                 break
         else:
@@ -454,7 +458,7 @@ def _trim(p: _Placement, limit: float, free: np.ndarray) -> None:
 
 def _score(loads: np.ndarray) -> Tuple[float, int]:
     peak = float(loads.max())
-    return peak, int(np.count_nonzero(loads >= peak * (1 - 1e-12)))
+    return peak, int(np.count_nonzero(loads >= peak * (1 - _EPS)))
 
 
 def _cp_sat(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: float, config: ReplanConfig) -> Optional[np.ndarray]:
