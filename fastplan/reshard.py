@@ -165,18 +165,6 @@ def _local_chunks(value: torch.Tensor) -> List[_Piece]:
     return [_Piece((0,) * value.dim(), value)]
 
 
-def _clipped(pieces: List[_Piece], size: torch.Size) -> List[_Piece]:
-    """The parts of `pieces` inside a saved tensor of `size` (a table that gained or lost rows)."""
-    out = []
-    for p in pieces:
-        t = p.tensor
-        for dim, (off, n) in enumerate(zip(p.offsets, size)):
-            t = t.narrow(dim, 0, max(0, min(t.size(dim), n - off)))
-        if t.numel():
-            out.append(_Piece(p.offsets, t))
-    return out
-
-
 def _boxes(offsets_sizes: List[Tuple[List[int], List[int]]]) -> np.ndarray:
     """(n, 4) row0, col0, rows, cols."""
     return np.array([[o[0], o[1], s[0], s[1]] for o, s in offsets_sizes], dtype=np.int64).reshape(-1, 4)
@@ -280,11 +268,10 @@ def load_state(dmp: nn.Module, path: str) -> LoadReport:
                 report.approximate.append(key)
             elif tuple(md.size) != tuple(value.size()):
                 report.resized.append(key)
-        elif tuple(md.size) == tuple(value.size()):
-            pieces[key] = _local_chunks(value)
         elif value.dim() == len(md.size) and tuple(md.size[1:]) == tuple(value.size()[1:]):
-            pieces[key] = _clipped(_local_chunks(value), md.size)
-            report.resized.append(key)
+            pieces[key] = _local_chunks(value)  # DCP reads the overlap: rows a table gained stay fresh
+            if tuple(md.size) != tuple(value.size()):
+                report.resized.append(key)
         else:  # a different embedding dimension: a new table
             report.fresh.append(key)
     with torch.no_grad():
