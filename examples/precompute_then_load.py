@@ -30,7 +30,7 @@ def main(ship_dir: str) -> None:
     # At job start (every rank): import the shipped plans, then plan as usual: it is a cache hit.
     with tempfile.TemporaryDirectory() as job_cache:
         cache = PlanCache(job_cache)
-        cache.import_from(ship_dir)
+        cache.import_from(ship_dir)  # (count, problems): invalid files are skipped, never executed
         online = FastShardingPlanner(topology=topology, cache=cache, debug=False)
         model = report_model(500)
         t = time.perf_counter()

@@ -1,22 +1,34 @@
-"""`fastplan` command line: plan offline, manage the plan cache, explain a plan, benchmark."""
+"""`fastplan` command line: plan (or re-plan) offline, manage the plan cache, explain or diff plan files, benchmark.
+
+Only the standard library is imported up front (`fastplan --help` stays fast); torch and TorchRec are
+imported by the commands that need them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.util
 import json
 import logging
+import math
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional
 
 EPILOG = {
-    "plan": "example: fastplan plan --model fastplan.models:report_model --world-size 8 --out plan.pt --json plan.json",
-    "cache": "example: fastplan cache list; fastplan cache export /shared/plans; fastplan cache import /shared/plans",
-    "explain": "example: fastplan explain plan.pt --plot plan.png",
-    "bench": "example: fastplan bench --sizes 50 500 --world-sizes 8 --torchrec-max 50 --plot bench.png",
-}  # re-planning: fastplan plan ... --previous old.plan --out new.plan; fastplan diff old.plan new.plan
+    "plan": "example: fastplan plan --model fastplan.models:report_model --world-size 8 --out model.plan",
+    "cache": "example: fastplan cache list; fastplan cache verify; fastplan cache export /shared/plans; "
+             "fastplan cache import /shared/plans",
+    "explain": "example: fastplan explain model.plan --plot plan.png",
+    "bench": "example: fastplan bench --sizes 20 50 500 --world-sizes 8 --torchrec-max 50 --dp-timeout 120 --plot bench.png",
+    "diff": "example: fastplan plan --model fastplan.models:report_model --previous old.plan --out new.plan; "
+            "fastplan diff old.plan new.plan --plot moves.png",
+}
 
 
 class CliError(Exception):
@@ -35,8 +47,10 @@ def _load_model(spec: str):
 
 
 def _load_constraints(path: Optional[str]):
+    """Table name -> ParameterConstraints, every field (nested ones too) checked against its type."""
     if not path:
         return None
+    import msgspec
     from torchrec.distributed.planner.types import ParameterConstraints
 
     from fastplan.models import SpecError, load_spec
@@ -53,23 +67,65 @@ def _load_constraints(path: Optional[str]):
         unknown = sorted(set(c) - fields)
         if unknown:
             raise CliError(f"--constraints: {path}: table '{table}': unknown field(s) {unknown}")
-        out[table] = ParameterConstraints(**c)
+        try:
+            out[str(table)] = msgspec.convert(c, ParameterConstraints, dec_hook=_refuse_type)
+        except msgspec.ValidationError as e:
+            field = str(e).rsplit("at `$", 1)[-1].rstrip("`")
+            raise CliError(f"--constraints: {path}: table '{table}': field '{field.lstrip('.')}': {str(e).split(' - at ')[0]}") from e
     return out
 
 
+def _refuse_type(tp, obj):
+    raise TypeError(f"a {getattr(tp, '__name__', tp)} cannot be given in a constraints file")
+
+
+def _positive(name: str, value, integer: bool = False):
+    if value is None:
+        return None
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise CliError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value}")
+    return value
+
+
+def _output(flag: str, path: Optional[str]) -> None:
+    """Fail before planning if `path` cannot be written."""
+    if not path:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise CliError(f"{flag}: {path} is a directory")
+    if not parent.is_dir():
+        raise CliError(f"{flag}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"{flag}: directory {parent} is not writable")
+
+
+def _cache(args):
+    from fastplan.cache.store import PlanCache
+
+    return PlanCache(args.cache_dir) if args.cache_dir else PlanCache.default()
+
+
 def cmd_plan(args) -> int:
-    import torch
-    from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.planner.types import Topology
-
-    from fastplan import FastShardingPlanner, PlanCache
-    from fastplan.models import SpecError, ebc, tables_from_spec
-
     if bool(args.tables) == bool(args.model):
         raise CliError("give exactly one of --tables FILE or --model pkg.module:factory")
-    if args.world_size <= 0:
-        raise CliError(f"--world-size must be positive, got {args.world_size}")
+    _positive("--world-size", args.world_size, integer=True)
+    _positive("--batch-size", args.batch_size, integer=True)
+    _positive("--hbm-gb", args.hbm_gb)
+    _positive("--ddr-gb", args.ddr_gb)
+    _output("--out", args.out)
+    _output("--json", args.json)
+
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner.types import PlannerError, Topology
+
+    from fastplan.models import SpecError, ebc, tables_from_spec
+    from fastplan.planfile import dump_plan, plan_to_dict
+    from fastplan.planner import FastShardingPlanner
+
+    constraints = _load_constraints(args.constraints)
     try:
         module = ebc(tables_from_spec(args.tables)) if args.tables else _load_model(args.model)
     except SpecError as e:
@@ -80,20 +136,24 @@ def cmd_plan(args) -> int:
     if args.ddr_gb is not None:
         topo_kwargs["ddr_cap"] = int(args.ddr_gb * 1024**3)
     topology = Topology(world_size=args.world_size, compute_device=args.compute_device, **topo_kwargs)
-    planner = FastShardingPlanner(
-        topology=topology, batch_size=args.batch_size, constraints=_load_constraints(args.constraints),
-        cache=PlanCache(args.cache_dir) if args.cache_dir else PlanCache.default(), debug=False,
-    )
+    planner = FastShardingPlanner(topology=topology, batch_size=args.batch_size, constraints=constraints,
+                                  cache=_cache(args), debug=False)
     sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
-    # ---- re-planning (fastplan.replan_cli) --------------------------------------------------
     diff = None
-    if args.previous:
-        from fastplan.replan_cli import replan_previous
+    try:
+        if args.previous:
+            from fastplan.replan_cli import replan_previous
 
-        plan, diff = replan_previous(planner, module, sharders, args, CliError)
-    else:
-        plan = planner.plan(module, sharders)
-    # ---- end re-planning ----------------------------------------------------------------------
+            plan, diff = replan_previous(planner, module, sharders, args, CliError)
+        else:
+            plan = planner.plan(module, sharders)
+    except PlannerError as e:
+        if str(e).startswith("The reserved topology"):  # TorchRec's storage reservation left nothing per rank
+            memory = "--hbm-gb" if args.compute_device == "cuda" else "--ddr-gb"
+            left = re.search(r"Storage\([^)]*\)", str(e))
+            raise CliError(f"{memory}: nothing is left per rank after TorchRec's storage reservation "
+                           f"({left.group(0) if left else 'negative'} per rank); give each rank more memory") from e
+        raise
     report = planner.last_report
     print(report.table() if report else "empty plan: the module has no shardable tables")
     if diff is not None:
@@ -101,74 +161,79 @@ def cmd_plan(args) -> int:
     if args.show_tables:
         print(plan)
     if args.out:
-        plan.fastplan_report = report  # travels with the pickle; `fastplan explain` reads it
-        torch.save(plan, args.out)
+        if planner.last_plan_file is not None:
+            planner.last_plan_file.dump(args.out)
+        else:
+            dump_plan(plan, args.out, report=report)
         print(f"wrote {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(plan_to_json(plan), indent=1))
+        Path(args.json).write_text(json.dumps(plan_to_dict(plan), indent=1))
         print(f"wrote {args.json}")
     return 0
 
 
-def plan_to_json(plan) -> dict:
-    out = {}
-    for path, module_plan in sorted(plan.plan.items()):
-        for name, ps in sorted(module_plan.items()):
-            shards = None
-            if ps.sharding_spec is not None:
-                shards = [
-                    {"offsets": list(m.shard_offsets), "sizes": list(m.shard_sizes), "placement": str(m.placement)}
-                    for m in ps.sharding_spec.shards
-                ]
-            out.setdefault(path or "<root>", {})[name] = {
-                "sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel, "ranks": ps.ranks, "shards": shards,
-            }
-    return out
-
-
 def cmd_cache(args) -> int:
-    from fastplan import PlanCache
+    from fastplan.planfile import plan_to_dict
 
-    cache = PlanCache(args.cache_dir) if args.cache_dir else PlanCache.default()
-    if not cache.enabled:
-        raise CliError(f"cache directory {cache.directory} is not usable")
+    cache = _cache(args)
     if args.action == "list":
-        for key in cache.keys():
-            hit = cache.get(key)
-            desc = f"{hit[1].num_tables} tables, {len(hit[1].ranks)} ranks" if hit and hit[1] else "?"
-            print(f"{key}  {desc}")
-        print(f"{len(cache.keys())} plan(s) in {cache.directory}")
+        keys = cache.keys()
+        shown = 0
+        for key in keys:
+            entry = cache.get(key)
+            if entry is None:
+                print(f"{key}  corrupt: removed")
+                continue
+            r = entry.report
+            print(f"{key}  {f'{r.num_tables} tables, {len(r.ranks)} ranks' if r else 'no report'}")
+            shown += 1
+        print(f"{shown} plan(s) in {cache.directory}")
     elif args.action == "show":
         if not args.arg:
             raise CliError("cache show needs a KEY (see 'fastplan cache list')")
         matches = [k for k in cache.keys() if k.startswith(args.arg)]
         if len(matches) != 1:
             raise CliError(f"cache show: {len(matches)} keys start with '{args.arg}'")
-        hit = cache.get(matches[0])
-        if hit is None:
-            raise CliError(f"cache show: entry {matches[0][:12]} was corrupt and has been removed")
-        print(hit[1].table() if hit[1] else "")
-        print(json.dumps(plan_to_json(hit[0]), indent=1))
+        entry = cache.get(matches[0])
+        if entry is None:
+            state = "could not be removed" if matches[0] in cache else "has been removed"
+            raise CliError(f"cache show: entry {matches[0][:12]} is corrupt and {state} (see the warning above)")
+        print(entry.report.table() if entry.report else "(no report)")
+        print(json.dumps(plan_to_dict(entry.plan), indent=1))
+    elif args.action == "verify":
+        keys = cache.keys()
+        problems = cache.verify()
+        for key, problem in problems:
+            print(f"{key[:12]}: {problem}")
+        print(f"{len(keys) - len(problems)} of {len(keys)} plan(s) in {cache.directory} are valid")
+        return 1 if problems else 0
     elif args.action == "clear":
         print(f"removed {cache.clear()} entries from {cache.directory}")
-    elif args.action in ("export", "import"):
+    elif args.action == "export":
         if not args.arg:
-            raise CliError(f"cache {args.action} needs a DIR")
-        if args.action == "import" and not Path(args.arg).is_dir():
-            raise CliError(f"cache import: {args.arg} is not a directory")
-        n = cache.export_to(args.arg) if args.action == "export" else cache.import_from(args.arg)
-        print(f"{args.action}ed {n} plan(s) {'to' if args.action == 'export' else 'from'} {args.arg}")
+            raise CliError("cache export needs a DIR")
+        target = Path(args.arg)
+        if not target.is_dir():
+            _output("cache export", args.arg)  # it will be created: its parent must exist and be writable
+        print(f"exported {cache.export_to(args.arg)} plan(s) to {args.arg}")
+    elif args.action == "import":
+        if not args.arg or not Path(args.arg).is_dir():
+            raise CliError(f"cache import: {args.arg or 'DIR'} is not a directory")
+        n, problems = cache.import_from(args.arg)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"imported {n} plan(s) from {args.arg}")
     return 0
 
 
 def cmd_explain(args) -> int:
-    import torch
+    from fastplan.planfile import PlanFileError, load_plan
 
+    _output("--plot", args.plot)
     try:
-        plan = torch.load(args.plan, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise CliError(f"{args.plan}: not a plan written by 'fastplan plan --out' ({e})") from e
-    report = getattr(plan, "fastplan_report", None)
+        report = load_plan(args.plan).report
+    except PlanFileError as e:
+        raise CliError(str(e)) from e
     if report is None:
         raise CliError(f"{args.plan}: has no fastplan report; write it with 'fastplan plan --out'")
     print(report.table())
@@ -194,38 +259,23 @@ def cmd_explain(args) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=1)
+def _plan_time():
+    """benchmarks/plan_time.py of the repository checkout (not part of the installed package), or None."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "plan_time.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("plan_time", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def cmd_bench(args) -> int:
-    from tqdm import tqdm
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        import plan_time
-    except ImportError as e:
-        raise CliError("fastplan bench needs the repository's benchmarks/ folder") from e
-    total = len(args.sizes) * len(args.world_sizes)
-    with tqdm(total=total, desc="planning") as bar:
-        rows = plan_time.run(args.sizes, args.world_sizes, args.torchrec_max, progress=lambda r: bar.update(1))
-    print(plan_time.HEADER)
-    for r in rows:
-        print(plan_time.format_row(r))
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for world in args.world_sizes:
-            mine = [r for r in rows if r["world"] == world]
-            ax.plot([r["tables"] for r in mine], [r["fast_cold_s"] for r in mine], "o-", label=f"fastplan, {world} ranks")
-            theirs = [r for r in mine if r["torchrec_s"] is not None]
-            if theirs:
-                ax.plot([r["tables"] for r in theirs], [r["torchrec_s"] for r in theirs], "s--", label=f"TorchRec, {world} ranks")
-        ax.set(xscale="log", yscale="log", xlabel="tables", ylabel="planning time (s)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot)
-        print(f"wrote {args.plot}")
+    plan_time = _plan_time()
+    if plan_time is None:
+        raise CliError("fastplan bench needs the repository's benchmarks/ folder")
+    plan_time.execute(args)
     return 0
 
 
@@ -242,36 +292,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddr-gb", type=float)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--constraints", help="YAML/JSON: table name -> ParameterConstraints fields")
-    p.add_argument("--out", help="write the ShardingPlan (torch.load-able)")
-    p.add_argument("--json", help="write a readable JSON of the plan")
+    p.add_argument("--out", help="write a plan file (JSON: plan, report, inputs, estimates; see fastplan.load_plan)")
+    p.add_argument("--json", help="write only the plan, as JSON {module: {table: sharding}}")
     p.add_argument("--show-tables", action="store_true", help="also print TorchRec's per-table plan")
     p.add_argument("--cache-dir")
     p.set_defaults(fn=cmd_plan)
-    # ---- re-planning (fastplan.replan_cli): plan --previous, diff -----------------------------
-    from fastplan.replan_cli import add_diff_command, add_replan_arguments
+    from fastplan.replan_cli import add_diff_command, add_replan_arguments  # standard library and numpy only
 
     add_replan_arguments(p)
     add_diff_command(sub, CliError)
-    # ---- end re-planning ----------------------------------------------------------------------
 
-    c = sub.add_parser("cache", help="list/show/clear/export/import cached plans", epilog=EPILOG["cache"])
-    c.add_argument("action", choices=["list", "show", "clear", "export", "import"])
+    c = sub.add_parser("cache", help="list/show/verify/clear/export/import cached plans", epilog=EPILOG["cache"])
+    c.add_argument("action", choices=["list", "show", "verify", "clear", "export", "import"])
     c.add_argument("arg", nargs="?", help="KEY for show, DIR for export/import")
     c.add_argument("--cache-dir")
     c.set_defaults(fn=cmd_cache)
 
-    e = sub.add_parser("explain", help="per-rank load of a saved plan", epilog=EPILOG["explain"])
+    e = sub.add_parser("explain", help="per-rank load of a plan file", epilog=EPILOG["explain"])
     e.add_argument("plan")
     e.add_argument("--plot", help="write a PNG bar chart of per-rank perf and memory")
     e.set_defaults(fn=cmd_explain)
 
-    b = sub.add_parser("bench", help="planning time vs TorchRec", epilog=EPILOG["bench"])
-    b.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 500, 1000])
-    b.add_argument("--world-sizes", type=int, nargs="+", default=[8])
-    b.add_argument("--torchrec-max", type=int, default=100)
-    b.add_argument("--plot", default="bench.png")
+    b = sub.add_parser("bench", help="planning time, quality and memory vs TorchRec (default and DP)", epilog=EPILOG["bench"])
+    plan_time = _plan_time()
+    if plan_time is not None:
+        plan_time.add_arguments(b)
     b.set_defaults(fn=cmd_bench)
     return ap
+
+
+_NAMED_ERRORS = (("torchrec.distributed.planner.types", "PlannerError"), ("fastplan.planfile", "PlanFileError"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -283,10 +333,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CliError as e:
         print(f"fastplan {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # planner errors name their table/rank already
-        from torchrec.distributed.planner.types import PlannerError
-
-        if isinstance(e, PlannerError):
+    except Exception as e:  # planner and plan-file errors name their table, rank or field already
+        known = tuple(getattr(sys.modules[m], name) for m, name in _NAMED_ERRORS if m in sys.modules)
+        if isinstance(e, known):
             print(f"fastplan {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

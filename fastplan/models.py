@@ -66,6 +66,7 @@ def tables_from_spec(path: str) -> List[EmbeddingBagConfig]:
     if not isinstance(rows, list) or not rows:
         raise SpecError(f"{path}: field 'tables' must be a non-empty list")
     out = []
+    names = set()
     for i, row in enumerate(rows):
         where = f"{path}: tables[{i}]"
         if not isinstance(row, dict):
@@ -73,8 +74,11 @@ def tables_from_spec(path: str) -> List[EmbeddingBagConfig]:
         for field in ("name", "num_embeddings", "embedding_dim"):
             if field not in row:
                 raise SpecError(f"{where}: missing field '{field}'")
+        if row["name"] in names:
+            raise SpecError(f"{where}: field 'name': table '{row['name']}' is listed twice")
+        names.add(row["name"])
         for field in ("num_embeddings", "embedding_dim"):
-            if not isinstance(row[field], int) or row[field] <= 0:
+            if isinstance(row[field], bool) or not isinstance(row[field], int) or row[field] <= 0:
                 raise SpecError(f"{where}: field '{field}' must be a positive integer, got {row[field]!r}")
         pooling = str(row.get("pooling", "sum")).upper()
         if pooling not in PoolingType.__members__:

@@ -9,11 +9,11 @@ from its shard metadata and per-shard estimates (no optimizer state counted then
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Optional, Tuple
+import math
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
-import numpy as np
-
-from fastplan.planner.diff import OPTIMIZER_STATE_BYTES, PlanDiff, TableState, diff_plans, shardings
+if TYPE_CHECKING:  # torch and TorchRec load with the commands, so `fastplan --help` stays fast
+    from fastplan.planner.diff import PlanDiff, TableState
 
 _ELEMENT_SIZE = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "int8": 1, "uint8": 1,
                  "float64": 8, "double": 8}
@@ -52,7 +52,7 @@ def replan_previous(planner, module, sharders, args, error: type) -> Tuple[Any, 
     """`fastplan plan --previous`: replan from the previous plan file."""
     if args.max_moved_bytes is not None and args.max_moved_bytes < 0:
         raise error(f"--max-moved-bytes must be >= 0, got {args.max_moved_bytes}")
-    if not (args.max_slowdown >= 0 and np.isfinite(args.max_slowdown)):
+    if not (args.max_slowdown >= 0 and math.isfinite(args.max_slowdown)):
         raise error(f"--max-slowdown must be a finite number >= 0, got {args.max_slowdown}")
     previous = _load(args.previous, error).plan
     return planner.replan(module, sharders, previous, max_moved_bytes=args.max_moved_bytes,
@@ -63,6 +63,8 @@ def table_states(plan_file, strict: bool = True) -> Dict[str, TableState]:
     """Each table's `TableState` from a plan file: its recorded inputs, else its shard metadata
     (and, for data-parallel tables, its per-shard estimates). `strict=False` skips tables whose
     shape the file does not record."""
+    from fastplan.planner.diff import TableState, shardings
+
     recorded = _states_from_inputs(getattr(plan_file, "inputs", None))
     out = {}
     estimates = getattr(plan_file, "estimates", None) or {}
@@ -83,6 +85,8 @@ def table_states(plan_file, strict: bool = True) -> Dict[str, TableState]:
 
 
 def _states_from_inputs(inputs: Optional[Dict[str, Any]]) -> Dict[str, TableState]:
+    from fastplan.planner.diff import OPTIMIZER_STATE_BYTES, TableState
+
     out = {}
     for entry in (inputs or {}).get("tables") or []:
         try:
@@ -110,6 +114,8 @@ def _optimizer(value: Any) -> str:
 
 def diff_plan_files(old, new) -> PlanDiff:
     """The `PlanDiff` between two loaded plan files, with their reports' per-rank perf."""
+    from fastplan.planner.diff import diff_plans
+
     old_shapes = {k: (s.rows, s.dim) for k, s in table_states(old, strict=False).items()}
     diff = diff_plans(old.plan, new.plan, table_states(new), old_shapes=old_shapes,
                       world_size=len(new.report.ranks) if new.report else None,
@@ -123,6 +129,7 @@ def diff_plan_files(old, new) -> PlanDiff:
 
 def plot_diff(diff: PlanDiff, path: str) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -91,9 +91,14 @@ def test_constraints_restrict_sharding_types_and_kernels():
     assert plan["table_2"].sharding_type == "data_parallel"
 
 
-def test_constraint_naming_an_unknown_table_is_an_error():
-    with pytest.raises(ConstraintError, match="no_such_table"):
-        planner(constraints={"no_such_table": ParameterConstraints()}).plan(ebc(report_tables(3)), SHARDERS)
+def test_constraints_for_tables_the_module_lacks_are_ignored_with_one_warning(caplog):
+    # As TorchRec: one constraints dict can serve several models.
+    with caplog.at_level("WARNING", logger="fastplan"):
+        plan = planner(constraints={"no_such_table": ParameterConstraints(), "table_1": ParameterConstraints(
+            sharding_types=["row_wise"])}).plan(ebc(report_tables(3)), SHARDERS)
+    assert plan.plan[""]["table_1"].sharding_type == "row_wise"
+    warnings = [r for r in caplog.records if "no_such_table" in r.getMessage()]
+    assert len(warnings) == 1 and "table_1" not in warnings[0].getMessage()
 
 
 def test_unknown_sharding_type_is_an_error_naming_it():

@@ -1,6 +1,5 @@
 """Plans cached on disk under a fingerprint of their inputs, and ranks agreeing on one plan."""
 
-from fastplan.cache.fingerprint import plan_fingerprint
 from fastplan.cache.store import PlanCache
 
-__all__ = ["PlanCache", "plan_fingerprint"]
+__all__ = ["PlanCache"]

@@ -1,122 +1,167 @@
-"""A stable key (sha256 of a canonical JSON) for everything that decides a plan, and nothing else."""
+"""Everything that decides a plan, as canonical JSON: its sha256 is the cache key, and per-table
+digests let ranks name the first table whose inputs differ."""
 
 from __future__ import annotations
 
 import dataclasses
-import enum
+import functools
 import hashlib
-import json
+import importlib.metadata
+import platform
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
-import torchrec
-from torchrec.distributed.planner.types import ParameterConstraints, Topology
+import msgspec
+import torch
+from torch import nn
 
 from fastplan.planner.tables import TableInfo
 
-COST_MODEL_VERSION = "fastplan-cost-1"  # bump when the cost model or search changes plans
+# The files whose code decides a plan; any edit to them gives new keys.
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "planner"
+_DISTRIBUTIONS = {
+    "torch": ("torch",), "torchrec": ("torchrec",), "fbgemm_gpu": ("fbgemm-gpu", "fbgemm-gpu-cpu"),
+    "ortools": ("ortools",), "numpy": ("numpy",), "msgspec": ("msgspec",),
+}
 
 
-def canonical(value: Any) -> Any:
-    """JSON-able form with sorted keys; objects by class name and fields, never by id."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, enum.Enum):
-        return f"{type(value).__name__}.{value.name}"
-    if isinstance(value, np.generic):
-        return canonical(value.item())
-    if isinstance(value, np.ndarray):
-        return [canonical(v) for v in value.tolist()]
-    if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((canonical(v) for v in value), key=json.dumps)
-    if dataclasses.is_dataclass(value):
-        return {"__type__": type(value).__name__, **canonical({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})}
-    if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
-    state = {k: v for k, v in vars(value).items() if not k.startswith("__")} if hasattr(value, "__dict__") else str(value)
-    return {"__type__": f"{type(value).__module__}.{type(value).__qualname__}", "state": canonical(state)}
+def source_digest(files: List[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.name):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
-def _feature_names(tables: List[TableInfo]) -> Dict[int, Dict[str, List[str]]]:
-    """Feature names of every table, by module (one pass over each module's configs)."""
-    out: Dict[int, Dict[str, List[str]]] = {}
-    for t in tables:
-        if id(t.module) in out:
+def _version(names: tuple) -> Optional[str]:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             continue
-        names: Dict[str, List[str]] = {}
-        for getter in ("embedding_bag_configs", "embedding_configs"):
-            configs = getattr(t.module, getter, None)
-            if callable(configs):
-                names.update((c.name, list(c.feature_names)) for c in configs())
-        out[id(t.module)] = names
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def code_versions() -> Dict[str, Optional[str]]:
+    """fastplan's version and planner source digest, and the versions of the libraries plans depend on."""
+    from fastplan import __version__
+
+    out = {name: _version(dists) for name, dists in _DISTRIBUTIONS.items()}
+    out.update(fastplan=__version__, fastplan_source=source_digest(list(SOURCE_DIR.glob("*.py"))),
+               python=platform.python_version())
     return out
 
 
-def _table(t: TableInfo, features: Dict[int, Dict[str, List[str]]]) -> List[Any]:
-    optimizer = getattr(t.tensor, "_optimizer_classes", None)
-    return [
-        t.path, t.name, t.rows, t.dim, str(t.tensor.dtype), t.is_pooled, t.is_weighted,
-        features[id(t.module)].get(t.name, []),
-        None if optimizer is None else canonical(optimizer),
-        t.kernels,  # sharding types and kernels left after constraints
-    ]
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
-def _topology(topo: Topology) -> Dict[str, Any]:
-    return {
-        "world_size": topo.world_size,
-        "local_world_size": topo.local_world_size,
-        "intra_group_size": topo.intra_group_size,
-        "compute_device": topo.compute_device,
-        "devices": [[d.storage.hbm, d.storage.ddr, d.storage.ssd] for d in topo.devices],
-        "hbm_mem_bw": topo.hbm_mem_bw,
-        "ddr_mem_bw": topo.ddr_mem_bw,
-        "hbm_to_ddr_mem_bw": topo.hbm_to_ddr_mem_bw,
-        "ssd_mem_bw": topo.ssd_mem_bw,
-        "comms": canonical(topo.comms_bandwidths),
-        "bwd_compute_multiplier": topo.bwd_compute_multiplier,
-        "weighted_feature_bwd_compute_multiplier": topo.weighted_feature_bwd_compute_multiplier,
+def canonical_hook(obj: Any) -> Any:
+    """JSON form of what msgspec cannot encode itself: objects by class and state, never by id."""
+    if isinstance(obj, functools.partial):  # cheap checks first: torch's isinstance checks cost ~10 us
+        return {"__partial__": _qualname(obj.func)}
+    if isinstance(obj, type):
+        return _qualname(obj)
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": [str(obj.dtype), list(obj.shape)]}
+    if isinstance(obj, nn.Module):
+        return _qualname(type(obj))
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return _qualname(obj)
+    state = {k: v for k, v in vars(obj).items() if not k.startswith("__")} if hasattr(obj, "__dict__") else {}
+    for slot in getattr(type(obj), "__slots__", ()):
+        if hasattr(obj, slot):
+            state[slot] = getattr(obj, slot)
+    return {"__type__": _qualname(type(obj)), "state": state}
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=canonical_hook, order="sorted")
+canonical_json: Callable[[Any], bytes] = _ENCODER.encode
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanInputs:
+    """Canonical JSON of the inputs shared by all tables (versions, topology, reservation, batch size,
+    sharders, search settings) and of each table's own (config, tensor, constraint, kernels left)."""
+
+    shared: bytes  # {section: value}
+    tables: bytes  # [[fqn, table inputs], ...] in planning order
+
+    @functools.cached_property
+    def key(self) -> str:
+        return _digest(self.shared + b"\n" + self.tables)
+
+    def section_digests(self) -> Dict[str, str]:
+        return {name: _digest(canonical_json(v)) for name, v in msgspec.json.decode(self.shared).items()}
+
+    def table_digests(self) -> Dict[str, str]:
+        return {fqn: _digest(canonical_json(doc)) for fqn, doc in msgspec.json.decode(self.tables)}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"shared": msgspec.json.decode(self.shared), "tables": msgspec.json.decode(self.tables)}
+
+    def to_raw(self) -> msgspec.Raw:
+        """The JSON of `to_dict()`, without decoding it (for plan files)."""
+        return msgspec.Raw(b'{"shared":' + self.shared + b',"tables":' + self.tables + b"}")
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "PlanInputs":
+        return cls(canonical_json(data["shared"]), canonical_json(data["tables"]))
+
+
+def _configs(tables: List[TableInfo]) -> Dict[int, Dict[str, Any]]:
+    """Each module's table configs by name (one pass per module)."""
+    out: Dict[int, Dict[str, Any]] = {}
+    for t in tables:
+        if id(t.module) not in out:
+            configs: Dict[str, Any] = {}
+            for getter in ("embedding_bag_configs", "embedding_configs"):
+                fn = getattr(t.module, getter, None)
+                if callable(fn):
+                    configs.update((c.name, c) for c in fn())
+            out[id(t.module)] = configs
+    return out
+
+
+def _table(t: TableInfo, configs: Dict[int, Dict[str, Any]], kernel_sets: Dict[int, int]) -> List[Any]:
+    config = configs[id(t.module)].get(t.name)
+    state = dict(vars(config)) if config is not None else None
+    fn = state and state.get("init_fn")
+    if fn is not None:  # a callable (usually a partial): its function's name, without a hook call per table
+        fn = getattr(fn, "func", fn)
+        state["init_fn"] = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    return [f"{t.path}.{t.name}" if t.path else t.name, {
+        "config": state, "dtype": str(t.tensor.dtype), "shape": [t.rows, t.dim], "pooled": t.is_pooled,
+        "weighted": t.is_weighted, "optimizer": getattr(t.tensor, "_optimizer_classes", None),
+        "kernels": kernel_sets[id(t.kernels)], "constraint": t.constraint, "fused_params": t.fused_params,
+        "qcomm_sizes": t.qcomm_dtype_sizes, "storage_usage": str(t.storage_usage_type),
+    }]
+
+
+def plan_inputs(
+    tables: List[TableInfo], topology: Any, reservation: Dict[str, Any], batch_size: int, sharders: List[Any],
+    search_config: Any, timeout_seconds: Optional[float],
+) -> PlanInputs:
+    configs = _configs(tables)
+    # Unconstrained tables of a module share one kernels dict: list each distinct one once.
+    kernel_sets: Dict[int, int] = {}
+    kernels: List[Any] = []
+    for t in tables:
+        if id(t.kernels) not in kernel_sets:
+            kernel_sets[id(t.kernels)] = len(kernels)
+            kernels.append(t.kernels)
+    shared = {
+        "versions": code_versions(), "topology": topology, "reservation": reservation, "batch_size": batch_size,
+        "sharders": sorted(sharders, key=canonical_json), "search": search_config, "timeout_seconds": timeout_seconds,
+        "modules": {t.path: type(t.module) for t in tables}, "kernels": kernels,
     }
-
-
-def plan_fingerprint(
-    tables: List[TableInfo],
-    topology: Topology,
-    reservation: Dict[str, Any],
-    batch_size: int,
-    sharders: List[Any],
-    constraints: Optional[Dict[str, ParameterConstraints]],
-    search_config: Any,
-) -> str:
-    features = _feature_names(tables)
-    doc = {
-        "version": [COST_MODEL_VERSION, torchrec.__version__],
-        "tables": [_table(t, features) for t in tables],
-        "constraints": canonical(constraints or {}),
-        "topology": _topology(topology),
-        "reservation": reservation,
-        "batch_size": batch_size,
-        "sharders": sorted(
-            (
-                {
-                    "type": f"{type(s).__module__}.{type(s).__qualname__}",
-                    "fused_params": canonical(getattr(s, "fused_params", None) or {}),
-                    "qcomm": canonical(getattr(s, "qcomm_codecs_registry", None) and sorted(s.qcomm_codecs_registry)),
-                }
-                for s in sharders
-            ),
-            key=json.dumps,
-        ),
-        "search": canonical(search_config),
-    }
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return PlanInputs(canonical_json(shared), canonical_json([_table(t, configs, kernel_sets) for t in tables]))
 
 
 # TorchRec reservations whose result depends only on their settings, the topology, the batch size,
@@ -129,15 +174,33 @@ _KNOWN_RESERVATIONS = (
 _SETTINGS = ("_percentage", "_hbm_reserved_bytes", "_parameter_multiplier", "_dense_tensor_estimate")
 
 
-def reservation_inputs(reservation: Any, module: Any, reserve: Callable[..., Any], sharders: List[Any]) -> Dict[str, Any]:
+def _dense_bytes(module: nn.Module, shardable: set) -> List[int]:
+    """(parameter bytes, buffer bytes) outside the shardable modules (each tensor once): what TorchRec's
+    reservations take as dense storage. The tables themselves are in the per-table inputs."""
+    seen_modules, seen_tensors, stack = set(), set(), [module]
+    total = [0, 0]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen_modules or id(m) in shardable:
+            continue
+        seen_modules.add(id(m))
+        for i, tensors in enumerate((m._parameters, m._buffers)):
+            for x in tensors.values():
+                if x is not None and id(x) not in seen_tensors:
+                    seen_tensors.add(id(x))
+                    total[i] += x.numel() * x.element_size()
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return total
+
+
+def reservation_inputs(reservation: Any, module: nn.Module, tables: List[TableInfo], reserve: Callable[..., Any],
+                       sharders: List[Any]) -> Dict[str, Any]:
     """What decides the storage reservation. For TorchRec's own reservations that is their settings
-    plus the module's parameter/buffer bytes (cheap: no reservation runs on a warm start); for any
+    plus the dense parameter/buffer bytes (cheap: no reservation runs on a warm start); for any
     other reservation, its result (it runs)."""
-    kind = f"{type(reservation).__module__}.{type(reservation).__qualname__}"
+    kind = _qualname(type(reservation))
     if type(reservation).__name__ in _KNOWN_RESERVATIONS and type(reservation).__module__.startswith("torchrec."):
-        settings = {k: canonical(v) for k, v in vars(reservation).items() if k in _SETTINGS}
-        params = sum(p.numel() * p.element_size() for p in module.parameters())
-        buffers = sum(b.numel() * b.element_size() for b in module.buffers())
-        return {"type": kind, "settings": settings, "param_bytes": params, "buffer_bytes": buffers}
-    hbm, ddr = reserve(module, sharders)
-    return {"type": kind, "hbm": canonical(hbm), "ddr": canonical(ddr)}
+        settings = {k: v for k, v in vars(reservation).items() if k in _SETTINGS}
+        params, buffers = _dense_bytes(module, {id(t.module) for t in tables})
+        return {"type": kind, "settings": settings, "dense_param_bytes": params, "dense_buffer_bytes": buffers}
+    return {"type": kind, "hbm_ddr_ssd": reserve(module, sharders).tolist()}

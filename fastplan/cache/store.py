@@ -1,21 +1,24 @@
-"""`PlanCache`: plans on disk (diskcache) under their fingerprint, checksummed, safe across processes."""
+"""`PlanCache`: a directory of plan files (`plans/<fingerprint>.plan`, the JSON of `fastplan.planfile`),
+written atomically, with a per-key lock (flock) that the kernel releases the moment its holder dies."""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import os
-import pickle
+import re
 import shutil
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import diskcache
+from filelock import FileLock, Timeout
 
 logger = logging.getLogger("fastplan.cache")
 ENV_DIR = "FASTPLAN_CACHE_DIR"
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 def default_directory() -> Path:
@@ -23,141 +26,218 @@ def default_directory() -> Path:
 
 
 class PlanCache:
-    """A directory of plans keyed by `plan_fingerprint`. Entries are pickled (plan, report) with a
-    sha256 checksum; a corrupt entry is logged, removed and reported as a miss. If the directory
-    cannot be used, the cache warns once and behaves as empty."""
+    """Plans keyed by `PlanInputs.key`. A corrupt entry is removed and reported as a miss; a deleted
+    directory is recreated on the next write; a read-only directory is still read. `lock(key)` lets
+    one process plan a key while others wait at most `lock_wait_s` (then plan themselves)."""
 
-    def __init__(self, directory: Optional[os.PathLike] = None, lock_expire_s: float = 600.0) -> None:
+    def __init__(self, directory: Optional[os.PathLike] = None, lock_wait_s: float = 300.0) -> None:
         self.directory = Path(directory) if directory is not None else default_directory()
-        self.lock_expire_s = lock_expire_s
-        self._cache: Optional[diskcache.Cache] = None
-        self._disabled = False
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._cache = diskcache.Cache(str(self.directory))
-            probe = f"__probe__{os.getpid()}"
-            self._cache.set(probe, b"")  # fails early on a read-only directory
-            self._cache.delete(probe)
-        except Exception as e:  # noqa: BLE001 - any I/O problem means "plan without cache"
-            self._disable(e)
+        self.lock_wait_s = lock_wait_s
+        self._warned: set = set()
 
     @classmethod
     def default(cls) -> "PlanCache":
         return cls()
 
     @property
-    def enabled(self) -> bool:
-        return not self._disabled
+    def plans(self) -> Path:
+        return self.directory / "plans"
 
-    def _disable(self, error: Exception) -> None:
-        if not self._disabled:
-            logger.warning("fastplan: plan cache at %s is unusable (%s); planning without cache", self.directory, error)
-        self._disabled = True
+    def path(self, key: str) -> Path:
+        return self.plans / f"{key}.plan"
+
+    def _estimates_path(self, key: str) -> Path:
+        """Per-shard estimates beside the entry: large (a data-parallel table has one per rank) and only
+        needed by `FastPlanLoader` and exports, so a warm start never reads them."""
+        return self.plans / f"{key}.estimates"
+
+    def _read_estimates(self, key: str):
+        try:
+            return self._estimates_path(key).read_bytes()
+        except OSError:
+            return None
+
+    def _warn_once(self, what: str, message: str, *args: Any) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning(message, *args)
+
+    def close(self) -> None:
+        """Nothing to release: every call opens and closes its own files."""
 
     # ---- entries -----------------------------------------------------------------------------
-    def get(self, key: str) -> Optional[Tuple[Any, Any]]:
-        if self._disabled:
+    def get(self, key: str):
+        """The cached `PlanFile` for `key`, or None (missing, unreadable or corrupt: then removed)."""
+        from fastplan.planfile import PlanFileError, decode_plan
+
+        path = self.path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._warn_once("read", "fastplan: cannot read plan cache entry %s (%s); planning without it", path, e)
             return None
         try:
-            entry = self._cache.get(key)
-        except Exception as e:  # noqa: BLE001
-            self._disable(e)
-            return None
-        if entry is None:
-            return None
-        try:
-            checksum, blob = entry
-            if hashlib.sha256(blob).hexdigest() != checksum:
-                raise ValueError("checksum mismatch")
-            return pickle.loads(blob)
-        except Exception as e:  # noqa: BLE001 - truncated or foreign data: recompute
-            logger.warning("fastplan: cache entry %s is corrupt (%s); removed, replanning", key[:12], e)
-            self.delete(key)
+            entry = decode_plan(data, str(path), lazy=True)
+            if entry.key != key:
+                raise PlanFileError(f"{path}: holds the plan for key {str(entry.key)[:12]}, not {key[:12]}")
+            entry._estimates = lambda: self._read_estimates(key)
+            return entry
+        except PlanFileError as e:
+            removed = self.delete(key)
+            logger.warning("fastplan: corrupt plan cache entry (%s); %s, replanning", e, "removed" if removed else "could not remove it")
             return None
 
-    def put(self, key: str, plan: Any, report: Any) -> None:
-        if self._disabled:
-            return
-        blob = pickle.dumps((plan, report), protocol=pickle.HIGHEST_PROTOCOL)
+    def put(self, key: str, plan: Any, *, report: Any = None, inputs: Optional[Dict[str, Any]] = None,
+            estimates: Any = None) -> bool:
+        """Store a plan under `key`; False (with one warning) when the directory cannot be written."""
+        from fastplan.planfile import PlanFileError, encode_estimates, encode_plan, write_atomic
+
         try:
-            self._cache.set(key, (hashlib.sha256(blob).hexdigest(), blob), tag=str(time.time()))
-        except Exception as e:  # noqa: BLE001
-            self._disable(e)
+            data = encode_plan(plan, report=report, inputs=inputs, key=key)
+            sidecar = None if estimates is None else encode_estimates(estimates)
+        except (PlanFileError, TypeError) as e:
+            logger.warning("fastplan: plan not cached: %s", e)
+            return False
+        try:
+            self.plans.mkdir(parents=True, exist_ok=True)
+            if sidecar is not None:  # first, so an entry is never seen without its estimates
+                write_atomic(self._estimates_path(key), sidecar)
+            write_atomic(self.path(key), data)
+            return True
+        except OSError as e:
+            self._warn_once("write", "fastplan: plan cache %s is not writable (%s); plans are read from it but not saved", self.directory, e)
+            return False
+
+    def _remove(self, path: Path) -> bool:
+        try:
+            path.unlink()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
 
     def delete(self, key: str) -> bool:
-        if self._disabled:
-            return False
-        try:
-            return bool(self._cache.delete(key))
-        except Exception as e:  # noqa: BLE001
-            self._disable(e)
-            return False
+        self._remove(self._estimates_path(key))
+        return self.path(key).exists() and self._remove(self.path(key))
 
     def keys(self) -> List[str]:
-        if self._disabled:
+        try:
+            return sorted(p.stem for p in self.plans.glob("*.plan") if _KEY.fullmatch(p.stem))
+        except OSError:
             return []
-        return sorted(k for k in self._cache.iterkeys() if isinstance(k, str) and len(k) == 64)
-
-    def clear(self) -> int:
-        return 0 if self._disabled else int(self._cache.clear())
 
     def __contains__(self, key: str) -> bool:
-        return not self._disabled and key in self._cache
+        return self.path(key).is_file()
+
+    def clear(self) -> int:
+        n = sum(self.delete(k) for k in self.keys())
+        shutil.rmtree(self.directory / "locks", ignore_errors=True)
+        return n
+
+    def verify(self) -> List[Tuple[str, str]]:
+        """Read every entry; corrupt ones are removed (as `get` does). Returns (key, problem) for each."""
+        from fastplan.planfile import PlanFileError, decode_plan
+
+        problems = []
+        for key in self.keys():
+            try:
+                entry = decode_plan(self.path(key).read_bytes(), str(self.path(key)))
+                if entry.key != key:
+                    raise PlanFileError(f"holds the plan for key {str(entry.key)[:12]}")
+                entry._estimates = lambda: self._read_estimates(key)
+                entry.estimates  # validated too
+            except (OSError, PlanFileError) as e:
+                removed = self.delete(key)
+                problems.append((key, f"{e} ({'removed' if removed else 'could not remove it'})"))
+        return problems
+
+    # ---- concurrent planners -----------------------------------------------------------------
+    def _owner_path(self, key: str) -> Path:
+        return self.directory / "locks" / f"{key}.owner"
+
+    def _owner(self, key: str) -> str:
+        try:
+            o = json.loads(self._owner_path(key).read_text())
+            return f"pid {o['pid']} on {o['host']} (for {time.time() - o['since']:.0f} s)"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
 
     @contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """Held while one process plans `key`, so concurrent planners compute it once."""
-        if self._disabled:
-            yield
-            return
-        lock = diskcache.Lock(self._cache, f"lock:{key}", expire=self.lock_expire_s)
+    def lock(self, key: str) -> Iterator[bool]:
+        """Held while one process plans `key`. Yields False when planning goes ahead without the lock
+        (read-only cache, no flock support, or `lock_wait_s` spent waiting for a live holder)."""
+        lock_dir = self.directory / "locks"
         try:
-            lock.acquire()
-        except Exception as e:  # noqa: BLE001
-            self._disable(e)
-            yield
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            # flock, never the existence-based fallback: a dead holder must not block anyone.
+            lock = FileLock(str(lock_dir / f"{key}.lock"), fallback_to_soft=False)
+            acquired = self._acquire(lock, key)
+        except OSError as e:
+            self._warn_once("lock", "fastplan: cannot lock in %s (%s); planning without the cache lock", lock_dir, e)
+            acquired = False
+        if not acquired:
+            yield False
             return
         try:
-            yield
+            try:
+                self._owner_path(key).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+            except OSError:
+                pass
+            yield True
         finally:
             try:
-                lock.release()
-            except Exception:  # noqa: BLE001 - an expired lock is already gone
+                self._owner_path(key).unlink(missing_ok=True)
+            except OSError:
                 pass
+            lock.release()
+
+    def _acquire(self, lock: FileLock, key: str) -> bool:
+        start = time.monotonic()
+        try:
+            lock.acquire(timeout=min(1.0, self.lock_wait_s))
+            return True
+        except Timeout:
+            pass
+        owner = self._owner(key)
+        logger.warning("fastplan: waiting up to %.0f s for plan %s, being computed by %s", self.lock_wait_s, key[:12], owner)
+        try:
+            lock.acquire(timeout=max(0.0, self.lock_wait_s - (time.monotonic() - start)))
+            return True
+        except Timeout:
+            logger.warning("fastplan: gave up waiting %.0f s for plan %s (held by %s); planning it here",
+                           self.lock_wait_s, key[:12], self._owner(key))
+            return False
 
     # ---- shipping plans between machines -----------------------------------------------------
     def export_to(self, directory: os.PathLike) -> int:
-        """Write every entry as `<key>.plan` (checksum line + pickle) into `directory`."""
+        """Copy every valid entry to `directory/<key>.plan` (corrupt entries are removed, not shipped)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        self.verify()
         n = 0
         for key in self.keys():
-            entry = self._cache.get(key)
-            if entry is None:
-                continue
-            checksum, blob = entry
-            (out / f"{key}.plan").write_bytes(checksum.encode() + b"\n" + blob)
-            n += 1
+            entry = self.get(key)
+            if entry is not None:
+                entry.dump(out / f"{key}.plan")  # one file: plan, report and estimates
+                n += 1
         return n
 
-    def import_from(self, directory: os.PathLike) -> int:
-        """Load `<key>.plan` files written by `export_to`; files that fail their checksum are skipped."""
-        n = 0
+    def import_from(self, directory: os.PathLike) -> Tuple[int, List[str]]:
+        """Copy the valid plan files of `directory` that carry a cache key; returns (count, problems)."""
+        from fastplan.planfile import PlanFileError, decode_plan
+
+        n, problems = 0, []
         for path in sorted(Path(directory).glob("*.plan")):
-            data = path.read_bytes()
-            checksum, _, blob = data.partition(b"\n")
-            if hashlib.sha256(blob).hexdigest() != checksum.decode(errors="replace"):
-                logger.warning("fastplan: %s fails its checksum; skipped", path.name)
+            try:
+                entry = decode_plan(path.read_bytes(), str(path))
+            except (OSError, PlanFileError) as e:
+                problems.append(f"{path.name}: skipped: {e}")
                 continue
-            self._cache.set(path.stem, (checksum.decode(), blob))
-            n += 1
-        return n
-
-    def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
-
-    def destroy(self) -> None:
-        """Close and delete the directory (tests and `fastplan cache clear --all`)."""
-        self.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+            if entry.key is None or not _KEY.fullmatch(entry.key):
+                problems.append(f"{path.name}: skipped: it has no cache key (write it with 'fastplan plan --out')")
+                continue
+            n += self.put(entry.key, entry.plan, report=entry.report, inputs=entry._inputs, estimates=entry.estimates)
+        return n, problems

@@ -11,7 +11,7 @@ from torchrec.distributed.sharding_plan import placement
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
 from fastplan.planner.cost import DP, PERF_FIELDS
-from fastplan.planner.search import Assignment
+from fastplan.planner.assignment import Assignment
 from fastplan.planner.search_space import SearchSpace
 
 
@@ -58,44 +58,76 @@ def to_sharding_plan(space: SearchSpace, a: Assignment, compute_device: str) -> 
     return ShardingPlan(plan)
 
 
-def to_sharding_options(space: SearchSpace, a: Assignment, batch_size: int) -> List[ShardingOption]:
-    """The chosen options as TorchRec `ShardingOption`s (for callbacks and TorchRec `Stats`)."""
-    out = []
-    for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
-        table = space.tables[t]
-        sl = space.shards(o)
-        shards = [
-            Shard(
-                size=list(size),
-                offset=list(offset),
-                storage=Storage(hbm=int(h), ddr=int(d), ssd=0),
-                perf=Perf(**dict(zip(PERF_FIELDS, perf))),
-                rank=int(r),
-            )
-            for size, offset, h, d, perf, r in zip(
-                space.shard_size[sl].tolist(),
-                space.shard_offset[sl].tolist(),
-                space.shard_hbm[sl].tolist(),
-                space.shard_ddr[sl].tolist(),
-                space.shard_perf[sl].tolist(),
-                ranks.tolist(),
-            )
-        ]
-        st = str(space.opt_type[o])
-        out.append(
-            ShardingOption(
-                name=table.name,
-                tensor=table.tensor,
-                module=(table.path, table.module),
-                input_lengths=table.input_lengths,
-                batch_size=batch_size,
-                sharding_type=st,
-                partition_by=get_partition_by_type(st),
-                compute_kernel=str(space.opt_kernel[o]),
-                shards=shards,
-                is_pooled=table.is_pooled,
-                feature_names=table.constraint.feature_names if table.constraint else None,
-                **_constraint_settings(table),
-            )
+def _sharding_option(space: SearchSpace, o: int, batch_size: int, ranks=None) -> ShardingOption:
+    table = space.tables[int(space.opt_table[o])]
+    sl = space.shards(o)
+    ranks = [None] * (sl.stop - sl.start) if ranks is None else [int(r) for r in ranks]
+    shards = [
+        Shard(
+            size=list(size),
+            offset=list(offset),
+            storage=Storage(hbm=int(m[0]), ddr=int(m[1]), ssd=int(m[2])),
+            perf=Perf(**dict(zip(PERF_FIELDS, perf))),
+            rank=r,
         )
-    return out
+        for size, offset, m, perf, r in zip(
+            space.shard_size[sl].tolist(), space.shard_offset[sl].tolist(), space.shard_mem[sl].tolist(),
+            space.shard_perf[sl].tolist(), ranks,
+        )
+    ]
+    st = str(space.opt_type[o])
+    return ShardingOption(
+        name=table.name,
+        tensor=table.tensor,
+        module=(table.path, table.module),
+        input_lengths=table.input_lengths,
+        batch_size=batch_size,
+        sharding_type=st,
+        partition_by=get_partition_by_type(st),
+        compute_kernel=str(space.opt_kernel[o]),
+        shards=shards,
+        is_pooled=table.is_pooled,
+        feature_names=table.constraint.feature_names if table.constraint else None,
+        **_constraint_settings(table),
+    )
+
+
+def to_sharding_options(space: SearchSpace, a: Assignment, batch_size: int) -> List[ShardingOption]:
+    """The chosen options, with ranks, as TorchRec `ShardingOption`s (callbacks, Stats, perf models)."""
+    return [_sharding_option(space, o, batch_size, r) for o, r in zip(a.option.tolist(), a.ranks)]
+
+
+def sharding_options(space: SearchSpace, batch_size: int) -> List[ShardingOption]:
+    """Every option of the search space, without ranks, in table order (an enumerator's output)."""
+    return [_sharding_option(space, o, batch_size) for o in range(len(space.opt_table))]
+
+
+def assignment_from_plan(space: SearchSpace, plan: ShardingPlan) -> Assignment:
+    """The assignment a `ShardingPlan` describes, in `space`'s terms (its tables must be in the
+    plan with options of the space). Shards are matched by offset, so the plan's shard order does
+    not matter."""
+    import numpy as np
+
+    by_key = {}
+    for o, (t, st, k) in enumerate(zip(space.opt_table.tolist(), space.opt_type.tolist(), space.opt_kernel.tolist())):
+        by_key[(t, st, k)] = o
+    option = np.zeros(len(space.tables), dtype=np.int64)
+    ranks = []
+    for t, table in enumerate(space.tables):
+        ps = plan.plan[table.path][table.name]
+        o = by_key.get((t, ps.sharding_type, ps.compute_kernel))
+        if o is None:
+            raise ValueError(f"table '{table.name}': {ps.sharding_type}/{ps.compute_kernel} is not an option of this search space")
+        option[t] = o
+        if ps.sharding_spec is None:  # data-parallel: shard i on rank i
+            ranks.append(np.array(ps.ranks, dtype=np.int64))
+            continue
+        sl = space.shards(o)
+        slots = {}
+        for i, (off, size) in enumerate(zip(space.shard_offset[sl].tolist(), space.shard_size[sl].tolist())):
+            slots.setdefault((tuple(off), tuple(size)), []).append(i)
+        r = np.empty(sl.stop - sl.start, dtype=np.int64)
+        for meta, rank in zip(ps.sharding_spec.shards, ps.ranks):
+            r[slots[(tuple(meta.shard_offsets), tuple(meta.shard_sizes))].pop(0)] = rank
+        ranks.append(r)
+    return Assignment(option, ranks)

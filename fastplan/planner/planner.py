@@ -1,19 +1,22 @@
-"""`FastShardingPlanner`: a drop-in for TorchRec's `EmbeddingShardingPlanner` that plans in bulk."""
+"""`FastShardingPlanner`: TorchRec's `EmbeddingShardingPlanner`, planning in bulk.
+
+It *is* an `EmbeddingShardingPlanner` (same constructor, attributes, hashing, stats and errors),
+with `plan()` replaced: tables -> options as arrays (`FastEnumerator`) -> assignment (`search`)
+-> `ShardingPlan` (`plan_builder`), cached on disk. A `proposer`, `partitioner` or `plan_loader`
+given by the user hands planning to TorchRec's own loop, so those keep their meaning.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.planner.constants import BATCH_SIZE, DEFAULT_PERF_ESTIMATOR
-from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
-from torchrec.distributed.planner.estimator import EmbeddingPerfEstimatorFactory
+from torchrec.distributed.planner.perf_models import NoopPerfModel
 from torchrec.distributed.planner.planners import EmbeddingShardingPlanner, to_sharding_plan as trec_to_sharding_plan
-from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import (
     Enumerator,
     ParameterConstraints,
@@ -27,39 +30,33 @@ from torchrec.distributed.planner.types import (
     Topology,
 )
 from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingPlanner
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
-from fastplan.planner.cost import CostModel, fast_model_applies, storage_usage_supported
+from fastplan.planner.enumerator import FastEnumerator
+from fastplan.planner.errors import InfeasiblePlanError
 from fastplan.planner.plan_builder import to_sharding_options, to_sharding_plan
-from fastplan.planner.search import SearchConfig, search
-from fastplan.planner.search_space import SearchSpace, build_search_space, from_sharding_options
+from fastplan.planner.search import SearchConfig, SearchResult, search
+from fastplan.planner.search_space import SearchSpace, from_sharding_options
 from fastplan.planner.stats import PlanReport, build_report
-from fastplan.planner.tables import TableInfo, check_constraint_tables, check_constraint_values, collect_tables
+from fastplan.planner.tables import TableInfo, check_constraint_values, shardable_names, unknown_constraint_tables
+
+if TYPE_CHECKING:
+    from fastplan.cache.fingerprint import PlanInputs
+    from fastplan.planfile import PlanFile
 
 logger = logging.getLogger("fastplan")
 _DEFAULT_CACHE = object()
 
 
-def default_topology() -> Topology:
-    """The topology TorchRec's planner assumes when none is given (needs an initialized process group)."""
-    from torchrec.distributed.comm import get_local_size
-    from torchrec.distributed.utils import get_device_type
+class FastShardingPlanner(EmbeddingShardingPlanner):
+    """Plans like `EmbeddingShardingPlanner` (same arguments, same `ShardingPlan`, never worse on
+    TorchRec's cost model), in about a second for thousands of tables, and caches plans on disk.
 
-    return Topology(local_world_size=get_local_size(), world_size=dist.get_world_size(), compute_device=get_device_type())
-
-
-class FastShardingPlanner(ShardingPlanner):
-    """Plans like `EmbeddingShardingPlanner` (same arguments, same `ShardingPlan`), in about a second
-    for hundreds of tables, and caches plans on disk.
-
-    fastplan's own search replaces TorchRec's proposers, partitioner and perf model. If a `proposer`,
-    `partitioner` or `plan_loader` is given, planning is handed to TorchRec's planner with the same
-    arguments, so those objects keep their meaning. A custom `enumerator` (or a perf config that the
-    vectorized model does not re-derive) is used as is, at TorchRec's speed.
-
-    Extra keyword arguments: `cache` (a `fastplan.PlanCache`, default one under `~/.cache/fastplan`,
-    `None`/`False` to disable), `search_config` (`SearchConfig`), `inference_comm` (a
-    `fastplan.comm.BLSConfig` recorded on the planner for `wire_bls`).
+    A custom `enumerator` is used as is (its options costed by whatever estimators it has). A
+    `performance_model` ranks fastplan's candidate plans. Extra keyword arguments: `cache` (a
+    `fastplan.PlanCache`, default one under `~/.cache/fastplan`, `None`/`False` to disable),
+    `search_config` (`SearchConfig`), `inference_comm` (a `fastplan.comm.BLSConfig` recorded on the
+    planner for `wire_bls`).
     """
 
     def __init__(
@@ -84,26 +81,22 @@ class FastShardingPlanner(ShardingPlanner):
     ) -> None:
         if timeout_seconds is not None and timeout_seconds <= 0:
             raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds}")
-        self._topology = topology if topology is not None else default_topology()
-        self._batch_size = batch_size if batch_size else BATCH_SIZE
-        self._enumerator = enumerator
-        self._storage_reservation = storage_reservation or HeuristicalStorageReservation(percentage=0.15)
-        self._performance_model = performance_model
-        self._stats = [stats] if stats is not None and not isinstance(stats, list) else (stats or [])
-        self._constraints = constraints
-        self._debug = debug
-        self._callbacks = list(callbacks or [])
-        self._timeout_seconds = timeout_seconds
+        self._pending = None
+        if topology is None:
+            topology = default_topology()
+        if enumerator is None:
+            enumerator = FastEnumerator(topology, batch_size or _batch_size_default(), constraints)
+        super().__init__(
+            topology=topology, batch_size=batch_size, enumerator=enumerator, storage_reservation=storage_reservation,
+            proposer=proposer, partitioner=partitioner, performance_model=performance_model, stats=stats,
+            constraints=constraints, debug=debug, callbacks=callbacks, timeout_seconds=timeout_seconds,
+            plan_loader=plan_loader,
+        )
+        # TorchRec's search loop keeps a user's proposer, partitioner or plan loader meaningful.
+        self._use_torchrec_loop = proposer is not None or partitioner is not None or plan_loader is not None
+        self._rank_by_perf_model = performance_model is not None and not isinstance(performance_model, NoopPerfModel)
         self._search_config = search_config or SearchConfig()
         self.inference_comm = inference_comm
-        self._delegate: Optional[EmbeddingShardingPlanner] = None
-        if proposer is not None or partitioner is not None or plan_loader is not None:
-            self._delegate = EmbeddingShardingPlanner(
-                topology=self._topology, batch_size=self._batch_size, enumerator=enumerator,
-                storage_reservation=self._storage_reservation, proposer=proposer, partitioner=partitioner,
-                performance_model=performance_model, stats=stats, constraints=constraints, debug=debug,
-                callbacks=callbacks, timeout_seconds=timeout_seconds, plan_loader=plan_loader,
-            )
         if cache is _DEFAULT_CACHE:
             from fastplan.cache import PlanCache
 
@@ -111,6 +104,7 @@ class FastShardingPlanner(ShardingPlanner):
         self.cache = cache or None
         self.last_report: Optional[PlanReport] = None
         self.last_key: Optional[str] = None
+        self.last_plan_file: Optional["PlanFile"] = None  # plan, report, inputs, key, estimates of the last cacheable plan
 
     @property
     def topology(self) -> Topology:
@@ -122,10 +116,15 @@ class FastShardingPlanner(ShardingPlanner):
         module: nn.Module,
         sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
         pg: Optional[dist.ProcessGroup] = None,
+        *,
+        timeout: Optional[float] = None,
     ) -> ShardingPlan:
-        """Plan on every rank (deterministic, cached), then agree on a plan hash without any rank
-        waiting in a collective while another is still planning. See `fastplan.cache.agreement`."""
-        from fastplan.cache.agreement import agree_on_plan
+        """Plan on every rank (deterministic, cached), then agree on a plan hash through the process
+        group's store without any rank waiting in a collective while another is still planning.
+        `timeout` (default `fastplan.cache.agreement.DEFAULT_AGREEMENT_TIMEOUT_S`): seconds the ranks
+        wait for one another beyond the search budget `timeout_seconds`, counted from when the first
+        rank entered; then every rank raises naming the missing ranks."""
+        from fastplan.cache.agreement import DEFAULT_AGREEMENT_TIMEOUT_S, agree_on_plan
 
         if pg is None:
             if not dist.is_initialized():
@@ -135,103 +134,201 @@ class FastShardingPlanner(ShardingPlanner):
                 )
             pg = dist.GroupMember.WORLD
         sharders = sharders if sharders is not None else get_default_sharders()
-        return agree_on_plan(self, module, sharders, pg)
+        return agree_on_plan(self, module, sharders, pg, DEFAULT_AGREEMENT_TIMEOUT_S if timeout is None else timeout)
+
+    def planning_inputs(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]],
+                        tables: Optional[List[TableInfo]] = None) -> "PlanInputs":
+        """Everything that decides this planner's plan of `module`: the cache key, and what ranks compare."""
+        from fastplan.cache.fingerprint import plan_inputs, reservation_inputs
+
+        if tables is None:
+            if isinstance(self._enumerator, FastEnumerator):
+                tables = self._enumerator.collect(module, sharders)
+            else:
+                from fastplan.planner.tables import collect_tables
+
+                tables = collect_tables(module, sharders, self._topology.compute_device, self._batch_size,
+                                        self._constraints)
+        reservation = reservation_inputs(self._storage_reservation, module, tables, self._reserve, sharders)
+        return plan_inputs(tables, self._topology, reservation, self._batch_size, sharders, self._search_config,
+                           self._timeout_seconds)
 
     def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         start = time.perf_counter()
-        if self._delegate is not None:
-            return self._delegate.plan(module, sharders)
+        self._num_proposals = 0
+        self._num_plans = 0
+        if self._use_torchrec_loop:
+            self.last_report = None
+            return super().plan(module, sharders)
         check_constraint_values(self._constraints)
-        tables = collect_tables(module, sharders, self._topology.compute_device, self._batch_size, self._constraints)
-        check_constraint_tables(self._constraints, tables)
-        if not tables:
+        unknown = unknown_constraint_tables(self._constraints, shardable_names(module, sharders))
+        if unknown:
+            logger.warning("fastplan: constraints name tables this module does not have (ignored): %s", unknown)
+        fast = isinstance(self._enumerator, FastEnumerator)
+        tables = self._enumerator.collect(module, sharders) if fast else None
+        if fast and not tables:
             self.last_report = None
             return ShardingPlan({})
-        key = None
-        # Callbacks, Stats objects and custom enumerators are opaque inputs: plan without the cache.
-        cacheable = not (self._callbacks or self._stats or self._enumerator is not None)
-        if self.cache is not None and self.cache.enabled and cacheable:
-            from fastplan.cache.fingerprint import plan_fingerprint, reservation_inputs
-
-            key = plan_fingerprint(
-                tables, self._topology, reservation_inputs(self._storage_reservation, module, self._reserve, sharders),
-                self._batch_size, sharders, self._constraints, self._search_config,
-            )
-            self.last_key = key
-            hit = self.cache.get(key)
+        inputs = None
+        self.last_plan_file = None
+        # Callbacks, custom Stats, perf models and custom enumerators or estimators are opaque inputs:
+        # plan without the cache.
+        cacheable = fast and not (
+            self._callbacks or self._rank_by_perf_model or self._custom_stats() or self._enumerator._custom_estimator
+        )
+        if self.cache is not None and cacheable:
+            inputs = self.planning_inputs(module, sharders, tables)
+            self.last_key = inputs.key
+            hit = self.cache.get(inputs.key)
             if hit is None:
-                with self.cache.lock(key):  # concurrent planners of one key: one computes, others read
-                    hit = self.cache.get(key)
+                with self.cache.lock(inputs.key):  # concurrent planners of one key: one computes, others read
+                    hit = self.cache.get(inputs.key)
                     if hit is None:
-                        return self._plan_tables(module, sharders, tables, start, key)
-            plan, report = hit
-            report.planning_seconds = time.perf_counter() - start
-            report.source = "cache"
-            self._finish(report)
-            return plan
-        return self._plan_tables(module, sharders, tables, start, key)
+                        return self._plan_tables(module, sharders, tables, start, inputs)
+            self.last_plan_file = hit
+            hit.inputs = inputs.to_raw()
+            self._from_cache(module, sharders, tables, hit.plan)
+            if hit.report is not None:
+                hit.report.planning_seconds = time.perf_counter() - start
+                hit.report.source = "cache"
+            self._finish(hit.report)
+            return hit.plan
+        return self._plan_tables(module, sharders, tables, start, inputs)
 
-    def _reserve(self, module: nn.Module, sharders) -> Tuple[np.ndarray, np.ndarray]:
-        """Per-rank (hbm, ddr) bytes left for embeddings after the storage reservation."""
+    # TorchRec's planner state after plan() (`_best_plan`, the enumerator's search space, the
+    # reserved topology): on a cache hit it is rebuilt only when first read, so warm starts stay fast.
+    @property
+    def _best_plan(self) -> Optional[List[ShardingOption]]:
+        if self._pending is not None:
+            self._materialize()
+        return self._best_plan_value
+
+    @_best_plan.setter
+    def _best_plan(self, value: Optional[List[ShardingOption]]) -> None:
+        self._best_plan_value = value
+        self._pending = None
+
+    def hash_planner_context_inputs(self) -> int:
+        if self._pending is not None:
+            self._materialize()
+        return super().hash_planner_context_inputs()
+
+    def hash_planner_context_inputs_str(self) -> str:
+        if self._pending is not None:
+            self._materialize()
+        return super().hash_planner_context_inputs_str()
+
+    def _from_cache(self, module, sharders, tables, plan: ShardingPlan) -> None:
+        self._best_plan_value = None
+        self._pending = (module, sharders, tables, plan)
+        self._enumerator.defer(self._materialize)
+        self._num_proposals = self._num_plans = 1
+        if self._stats:
+            self._log_stats(plan, self._best_plan, sharders, 0.0)
+
+    def _materialize(self) -> None:
+        from fastplan.planner.plan_builder import assignment_from_plan
+
+        if self._pending is None:
+            return
+        module, sharders, tables, plan = self._pending
+        self._pending = None
+        self._reserve(module, sharders)
+        space = self._search_space(module, sharders, tables)
+        self._best_plan_value = to_sharding_options(space, assignment_from_plan(space, plan), self._batch_size)
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _custom_stats(self) -> bool:
+        from torchrec.distributed.planner.stats import EmbeddingStats, NoopEmbeddingStats
+
+        return any(type(s) not in (EmbeddingStats, NoopEmbeddingStats) for s in self._stats)
+
+    def _reserve(self, module: nn.Module, sharders) -> np.ndarray:
+        """(world_size, 3) bytes per rank of hbm, ddr and ssd left for embeddings after the storage
+        reservation (which TorchRec keeps as `last_reserved_topology`)."""
         reserved = self._storage_reservation.reserve(
             topology=self._topology, batch_size=self._batch_size, module=module,
             sharders=sharders, constraints=self._constraints,
         )
-        hbm = np.array([d.storage.hbm for d in reserved.devices], dtype=np.int64)
-        ddr = np.array([d.storage.ddr for d in reserved.devices], dtype=np.int64)
-        return hbm, ddr
+        return np.array([[d.storage.hbm, d.storage.ddr, d.storage.ssd] for d in reserved.devices], dtype=np.int64)
 
-    def _plan_tables(self, module, sharders, tables, start: float, key: Optional[str]) -> ShardingPlan:
-        hbm_cap, ddr_cap = self._reserve(module, sharders)
+    def _plan_tables(self, module, sharders, tables: Optional[List[TableInfo]], start: float,
+                     inputs: Optional["PlanInputs"]) -> ShardingPlan:
+        cap = self._reserve(module, sharders)
         space = self._search_space(module, sharders, tables)
-        result = search(space, hbm_cap, ddr_cap, self._search_config, self._timeout_seconds)
-        if self._callbacks or self._stats:
-            options = to_sharding_options(space, result.assignment, self._batch_size)
-            for callback in self._callbacks:
-                options = callback(options)
-            plan = trec_to_sharding_plan(options, self._topology)
-        else:
-            options = None
-            plan = to_sharding_plan(space, result.assignment, self._topology.compute_device)
-        report = build_report(space, result, hbm_cap, ddr_cap, time.perf_counter() - start)
+        if not space.tables:
+            self.last_report = None
+            return ShardingPlan({})
+        timeout = self._timeout_seconds
+        deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - start)
+        config = self._search_config.scaled_to(timeout)
+        try:
+            result = search(space, cap[:, 0], cap[:, 1], config, deadline, ssd_cap=cap[:, 2])
+        except InfeasiblePlanError as e:
+            raise InfeasiblePlanError(f"{e}\n{self._reservation_note()}", e.error_type, e.proven) from None
+        a = self._choose(space, result)
+        options = to_sharding_options(space, a, self._batch_size)
+        for callback in self._callbacks:
+            options = callback(options)
+        plan = trec_to_sharding_plan(options, self._topology) if self._callbacks else to_sharding_plan(
+            space, a, self._topology.compute_device
+        )
+        self._best_plan = options
+        self._num_proposals = self._num_plans = 1
+        report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start)
+        self._log_stats(plan, options, sharders, report.planning_seconds)
+        if inputs is not None:
+            from fastplan.planfile import PlanFile, estimates_from_options
+
+            estimates = estimates_from_options(options)
+            self.last_plan_file = PlanFile(plan, report, inputs.to_raw(), inputs.key, estimates)
+            self.cache.put(inputs.key, plan, report=report, estimates=estimates)
+        self._finish(report)
+        return plan
+
+    def _log_stats(self, plan: ShardingPlan, options: List[ShardingOption], sharders, run_time: float) -> None:
         for stat in self._stats:
             stat.log(
                 sharding_plan=plan, topology=self._topology, batch_size=self._batch_size,
                 storage_reservation=self._storage_reservation, num_proposals=1, num_plans=1,
-                run_time=report.planning_seconds, best_plan=options or [], constraints=self._constraints,
-                sharders=sharders, debug=self._debug,
+                run_time=run_time, best_plan=options, constraints=self._constraints,
+                sharders=sharders, enumerator=self._enumerator, debug=self._debug,
             )
-        if key is not None:
-            self.cache.put(key, plan, report)
-        self._finish(report)
-        return plan
 
-    # ---- internals ---------------------------------------------------------------------------
-    def _finish(self, report: PlanReport) -> None:
+    def _reservation_note(self) -> str:
+        """What the storage reservation took, in TorchRec's words."""
+        from torchrec.distributed.planner.storage_reservations import FixedAbsoluteStorageReservation
+        from torchrec.distributed.planner.utils import bytes_to_gb
+
+        r = self._storage_reservation
+        if isinstance(r, FixedAbsoluteStorageReservation):
+            return f"Storage reservation: {round(bytes_to_gb(r._hbm_reserved_bytes), 3)} GB per device."
+        percentage = getattr(r, "_percentage", None)
+        return f"Storage reservation percentage: {percentage} ({type(r).__name__})." if percentage is not None else \
+            f"Storage reservation: {type(r).__name__}."
+
+    def _choose(self, space: SearchSpace, result: SearchResult):
+        """The search's plan, or with a user's performance model, the candidate it rates best."""
+        if not self._rank_by_perf_model:
+            return result.assignment
+        candidates = [result.assignment] + list(result.candidates.values())
+        rated = [(self._perf_model.rate(to_sharding_options(space, a, self._batch_size)), i) for i, a in enumerate(candidates)]
+        return candidates[min(rated)[1]]
+
+    def _finish(self, report: Optional[PlanReport]) -> None:
         self.last_report = report
-        if self._debug:
+        if self._debug and report is not None:
             logger.info("\n%s", report.table())
 
-    def _search_space(self, module: nn.Module, sharders, tables: List[TableInfo]) -> SearchSpace:
+    def _search_space(self, module: nn.Module, sharders, tables: Optional[List[TableInfo]]) -> SearchSpace:
+        if isinstance(self._enumerator, FastEnumerator):
+            return self._enumerator.search_space(module, sharders, tables)
+        from fastplan.planner.tables import collect_tables
+
         topo = self._topology
-        if self._enumerator is None:
-            estimator = EmbeddingPerfEstimatorFactory.create(
-                DEFAULT_PERF_ESTIMATOR, topology=topo, constraints=self._constraints
-            )
-            custom_memory = topo._custom_topology_data is not None and topo._custom_topology_data.has_data(
-                "hbm_cap" if topo.compute_device in ("cuda", "mtia") else "ddr_cap"
-            )
-            if (
-                fast_model_applies(estimator.config)
-                and not custom_memory
-                and all(storage_usage_supported(t) and not t.needs_torchrec_estimator() for t in tables)
-            ):
-                return build_search_space(tables, CostModel(topo, estimator.config))
-        enumerator = self._enumerator or EmbeddingEnumerator(
-            topology=topo, batch_size=self._batch_size, constraints=self._constraints
-        )
-        options = enumerator.enumerate(module=module, sharders=sharders)
-        return from_sharding_options(tables, options, topo.world_size, topo.local_world_size)
+        options = self._enumerator.enumerate(module=module, sharders=sharders)
+        all_tables = collect_tables(module, sharders, topo.compute_device, self._batch_size, self._constraints)
+        return from_sharding_options(all_tables, options, topo.world_size, topo.local_world_size, topo.intra_group_size)
 
     # ---- re-planning (fastplan.planner.replan) -----------------------------------------------
     def replan(
@@ -261,10 +358,25 @@ class FastShardingPlanner(ShardingPlanner):
         *,
         max_moved_bytes: Optional[int] = None,
         max_slowdown: float = 0.01,
+        timeout: Optional[float] = None,
     ):
-        """`replan` on every rank, ranks agree on the plan hash as in `collective_plan`."""
+        """`replan` on every rank, ranks agree on the plan hash as in `collective_plan` (`timeout` too)."""
         from fastplan.planner.replan import collective_replan
 
         sharders = sharders if sharders is not None else get_default_sharders()
-        return collective_replan(self, module, sharders, previous_plan, pg,
+        return collective_replan(self, module, sharders, previous_plan, pg, timeout,
                                  max_moved_bytes=max_moved_bytes, max_slowdown=max_slowdown)
+
+
+def _batch_size_default() -> int:
+    from torchrec.distributed.planner.constants import BATCH_SIZE
+
+    return BATCH_SIZE
+
+
+def default_topology() -> Topology:
+    """The topology TorchRec's planner assumes when none is given (needs an initialized process group)."""
+    from torchrec.distributed.comm import get_local_size
+    from torchrec.distributed.utils import get_device_type
+
+    return Topology(local_world_size=get_local_size(), world_size=dist.get_world_size(), compute_device=get_device_type())

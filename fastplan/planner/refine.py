@@ -1,148 +1,270 @@
-"""CP-SAT refinement of a complete assignment, one batch of tables at a time.
+"""The exact placement model in CP-SAT: every option of a table and every layout TorchRec's
+partitioner could give it (shards on any ranks, or inside one host), per-rank memory, max-rank
+perf as the objective.
 
-Tables outside the batch stay where they are; their per-rank load and memory are the batch
-model's constants, so batches carry rank loads forward and the model size stays bounded.
+Used two ways: `refine` improves a complete assignment one batch of tables at a time (the other
+tables' loads and memory are constants, so models stay small), and `exact` solves the whole
+problem from scratch when no heuristic found a feasible plan, so "infeasible" is a proof.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from ortools.sat.python import cp_model
 
-from fastplan.planner.search import Assignment, SearchConfig, _Candidates, rank_loads, rank_memory
-from fastplan.planner.search_space import HOST, UNIFORM, SearchSpace
+from fastplan.planner.assignment import Assignment, rank_loads, rank_memory
+from fastplan.planner.candidates import Candidates
+from fastplan.planner.cpsat import INT_MIN, Model
+from fastplan.planner.search_space import DEVICE, HOST_DEVICE, HOST_UNIFORM, UNIFORM, SearchSpace
 
-# Ranks a single-shard table may move to in one batch: its own plus the least loaded ones.
-_MOVE_TARGETS = 16
-_SCALE = 1_000_000  # integer perf units per greedy makespan
-
-
-def _columns(space: SearchSpace, cands: _Candidates, t: int, current: Tuple[int, Tuple[int, ...]], targets: np.ndarray):
-    """(option, ranks) placements CP-SAT may choose for table t."""
-    W = space.world_size
-    cols: List[Tuple[int, Tuple[int, ...]]] = [current]
-    for o in cands.by_table[t]:
-        n = int(space.opt_count[o])
-        kind = int(cands.placement[o])
-        if n == 1:
-            cols.extend((o, (int(r),)) for r in targets)
-        elif kind == UNIFORM:
-            cols.append((o, tuple(range(n))))
-        elif kind == HOST:
-            cols.extend((o, tuple(range(g, g + n))) for g in range(0, W - n + 1, n))
-        else:  # column-wise with several shards: consecutive ranks starting at each target
-            cols.extend((o, tuple(int((r + i) % W) for i in range(n))) for r in targets)
-    seen, unique = set(), []
-    for c in cols:
-        if c not in seen:
-            seen.add(c)
-            unique.append(c)
-    return unique
+_SCALE = 1_000_000  # integer perf units per current makespan
+MAX_TARGET_RANKS = 64  # in refinement, a shard may move only to this many ranks (its own + least loaded)
 
 
-def _usage(space: SearchSpace, values: np.ndarray, o: int, ranks: Tuple[int, ...]) -> Dict[int, int]:
-    out: Dict[int, int] = {}
-    for r, v in zip(ranks, values[space.shards(o)].tolist()):
-        out[r] = out.get(r, 0) + int(v)
-    return out
+@dataclass
+class _Choice:
+    """One (option, layout family) of a table: its literal and how to read the layout back."""
+
+    option: int
+    literal: int
+    host_literals: Dict[int, int] = field(default_factory=dict)  # host -> literal (host kinds)
+    counts: Dict[Tuple[int, int], int] = field(default_factory=dict)  # (group, rank) -> count var
+    groups: List[np.ndarray] = field(default_factory=list)  # shard indices of each identical group
 
 
-def refine(
-    space: SearchSpace,
-    cands: _Candidates,
-    a: Assignment,
-    hbm_cap: np.ndarray,
-    ddr_cap: np.ndarray,
-    lower_bound: float,
-    config: SearchConfig,
-    wall_time_limit: Optional[float] = None,
-) -> Tuple[Assignment, np.ndarray, Dict[str, float]]:
+class _Builder:
+    def __init__(self, space: SearchSpace, perf: np.ndarray, scale: float) -> None:
+        self.s = space
+        self.perf = perf
+        self.scale = scale
+        self.m = Model()
+        W = space.world_size
+        self.load: List[List[Tuple[int, int]]] = [[] for _ in range(W)]
+        self.mem: List[List[List[Tuple[int, int]]]] = [[[] for _ in range(W)] for _ in range(3)]  # tier, rank
+        self.mem_max = np.zeros((W, 3), dtype=object)  # the most each rank's terms can add up to
+
+    def _charge(self, var: int, rank: int, shard: int, upper: int = 1) -> None:
+        """`var` (0..upper) copies of `shard` on `rank`."""
+        p = int(round(float(self.perf[shard]) * self.scale))
+        if p:
+            self.load[rank].append((var, p))
+        for tier, b in enumerate(self.s.shard_mem[shard].tolist()):
+            if b:
+                self.mem[tier][rank].append((var, b))
+                self.mem_max[rank, tier] += b * upper
+
+    def table(self, options: Sequence[int], ranks_allowed: np.ndarray, free: np.ndarray) -> List[_Choice]:
+        s, m = self.s, self.m
+        kinds = s.opt_placement
+        G, H = s.host_size, s.num_hosts
+        choices = []
+        for o in options:
+            sl = s.shards(o)
+            idx = np.arange(sl.start, sl.stop)
+            kind = kinds[o]
+            fits = (s.shard_mem[idx][:, None, :] <= free[None, :, :]).all(2)
+            if kind == UNIFORM:
+                if not fits[np.arange(len(idx)), np.arange(len(idx))].all():
+                    continue
+                x = m.var(0, 1)
+                for i, k in enumerate(idx.tolist()):
+                    self._charge(x, i, k)
+                choices.append(_Choice(o, x))
+                continue
+            if kind == HOST_UNIFORM:
+                hosts = [h for h in range(H) if fits[np.arange(G), h * G + np.arange(G)].all()]
+                if not hosts:
+                    continue
+                x = m.var(0, 1)
+                c = _Choice(o, x)
+                for h in hosts:
+                    z = m.var(0, 1)
+                    c.host_literals[h] = z
+                    for i, k in enumerate(idx.tolist()):
+                        self._charge(z, h * G + i, k)
+                m.linear([x] + list(c.host_literals.values()), [-1] + [1] * len(hosts), 0, 0)
+                choices.append(c)
+                continue
+            groups = _identical_groups(s, self.perf, idx)
+            rows = [np.searchsorted(idx, members[0]) for members in groups]
+            if kind == DEVICE:
+                pools = {-1: ranks_allowed}
+            else:
+                assert kind == HOST_DEVICE
+                pools = {h: np.arange(h * G, h * G + G) for h in range(H)}
+            # Where each group of identical shards may go: a layout family is usable only if every
+            # group has a rank with room (capacity of several shards is left to the constraints).
+            pools = {h: [pool[fits[row, pool]] for row in rows] for h, pool in pools.items()}
+            pools = {h: ok for h, ok in pools.items() if all(len(p) for p in ok)}
+            if not pools:
+                continue
+            x = m.var(0, 1)
+            c = _Choice(o, x, groups=groups)
+            for h, per_group in pools.items():
+                gate = x if h == -1 else m.var(0, 1)
+                if h != -1:
+                    c.host_literals[h] = gate
+                for g, (members, pool_ok) in enumerate(zip(groups, per_group)):
+                    n = len(members)
+                    vars_ = []
+                    for r in pool_ok.tolist():
+                        v = m.var(0, n)
+                        c.counts[(g, r)] = v
+                        vars_.append(v)
+                        self._charge(v, r, int(members[0]), n)
+                    m.linear(vars_ + [gate], [1] * len(vars_) + [-n], 0, 0)
+            if c.host_literals:
+                m.linear([x] + list(c.host_literals.values()), [-1] + [1] * len(c.host_literals), 0, 0)
+            choices.append(c)
+        if choices:
+            m.exactly_one([c.literal for c in choices])
+        return choices
+
+    def finish(self, base: np.ndarray, free: np.ndarray) -> int:
+        m = self.m
+        z = m.var(0, 2**50)
+        for r in range(self.s.world_size):
+            terms = self.load[r]
+            const = int(round(float(base[r]) * self.scale))
+            m.linear([v for v, _ in terms] + [z], [c for _, c in terms] + [-1], INT_MIN, -const)
+            for tier in range(3):
+                terms = self.mem[tier][r]
+                if self.mem_max[r, tier] > free[r, tier]:  # only where the model could overflow the rank
+                    m.linear([v for v, _ in terms], [c for _, c in terms], INT_MIN, int(free[r, tier]))
+        m.minimize([z], [1])
+        return z
+
+
+
+def _identical_groups(space: SearchSpace, perf: np.ndarray, idx: np.ndarray) -> List[np.ndarray]:
+    """Shards of one option grouped by (perf, memory): identical shards need one count per rank."""
+    keys = {}
+    for k in idx.tolist():
+        keys.setdefault((float(perf[k]), *space.shard_mem[k].tolist()), []).append(k)
+    return [np.array(v) for v in keys.values()]
+
+
+def _decode(space: SearchSpace, choices: List[_Choice], values: List[int]) -> Tuple[int, np.ndarray]:
+    kinds = space.opt_placement
+    G = space.host_size
+    for c in choices:
+        if not values[c.literal]:
+            continue
+        o = c.option
+        kind = kinds[o]
+        sl = space.shards(o)
+        if kind == UNIFORM:
+            return o, np.arange(sl.stop - sl.start)
+        if kind == HOST_UNIFORM:
+            h = next(h for h, z in c.host_literals.items() if values[z])
+            return o, np.arange(h * G, h * G + G)
+        ranks = np.empty(sl.stop - sl.start, dtype=np.int64)
+        for g, members in enumerate(c.groups):
+            got = sorted(r for (gg, r), v in c.counts.items() if gg == g for _ in range(values[v]))
+            ranks[members - sl.start] = got
+        return o, ranks
+    raise RuntimeError("CP-SAT solution chose no option for a table (a bug)")
+
+
+def _hint(model: Model, choices: List[_Choice], option: int, ranks: np.ndarray, space: SearchSpace) -> None:
+    G = space.host_size
+    variables, values = [], []
+    for c in choices:
+        chosen = c.option == option
+        variables.append(c.literal)
+        values.append(int(chosen))
+        for h, z in c.host_literals.items():
+            variables.append(z)
+            values.append(int(chosen and int(ranks[0]) // G == h))
+        for (g, r), v in c.counts.items():
+            variables.append(v)
+            if chosen:
+                members = c.groups[g] - space.opt_start[option]
+                values.append(int(np.count_nonzero(ranks[members] == r)))
+            else:
+                values.append(0)
+    model.hint(variables, values)
+
+
+def refine(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.ndarray,
+           lower_bound: float, batch_size: int, deterministic_time: float, target_gap: float) -> Tuple[Assignment, np.ndarray, Dict[str, float]]:
+    """Re-solve batches of tables (largest work first) exactly, others fixed; keep improvements."""
     W = space.world_size
     perf = cands.perf
-    option = a.option.copy()
-    ranks = list(a.ranks)
+    a = a.copy()
     loads = rank_loads(space, perf, a)
-    chosen_work = cands.work[option]
-    order = np.argsort(-chosen_work, kind="stable")
-    nb = max(1, -(-len(order) // config.batch_size))
-    batches = np.array_split(order, nb)
-    budget = config.deterministic_time / nb
-    stats = {"batches": 0, "improved_batches": 0, "cp_sat_bound": 0.0}
-
-    hbm_used, ddr_used = rank_memory(space, a)
-
-    for batch in batches:
+    order = np.argsort(-cands.work[a.option], kind="stable")
+    nb = max(1, -(-len(order) // batch_size))
+    budget = deterministic_time / nb
+    stats = {"batches": 0, "improved_batches": 0, "cp_sat_bound": 0.0, "cp_sat_status": ""}
+    used = rank_memory(space, a)
+    for batch in np.array_split(order, nb):
         makespan = float(loads.max())
-        if makespan <= 0 or (makespan - lower_bound) / makespan <= config.target_gap:
+        if makespan <= 0 or (makespan - lower_bound) / makespan <= target_gap:
             break
-        scale = _SCALE / makespan
         base = loads.copy()
-        hbm_free = hbm_cap.astype(np.int64) - hbm_used
-        ddr_free = ddr_cap.astype(np.int64) - ddr_used
+        free = cap - used
         for t in batch.tolist():
-            sl = space.shards(int(option[t]))
-            np.subtract.at(base, ranks[t], perf[sl])
-            np.add.at(hbm_free, ranks[t], space.shard_hbm[sl])
-            np.add.at(ddr_free, ranks[t], space.shard_ddr[sl])
-        targets = np.argsort(base, kind="stable")[: min(W, _MOVE_TARGETS)]
-
-        model = cp_model.CpModel()
-        load_terms: List[List[Tuple[cp_model.IntVar, int]]] = [[] for _ in range(W)]
-        hbm_terms: List[List[Tuple[cp_model.IntVar, int]]] = [[] for _ in range(W)]
-        ddr_terms: List[List[Tuple[cp_model.IntVar, int]]] = [[] for _ in range(W)]
-        chosen: List[List[Tuple[cp_model.IntVar, int, Tuple[int, ...]]]] = []
+            sl = space.shards(int(a.option[t]))
+            np.subtract.at(base, a.ranks[t], perf[sl])
+            np.add.at(free, a.ranks[t], space.shard_mem[sl])
+        b = _Builder(space, perf, _SCALE / makespan)
+        per_table = []
         for t in batch.tolist():
-            current = (int(option[t]), tuple(int(r) for r in ranks[t]))
-            per_table = []
-            for o, rs in _columns(space, cands, t, current, targets):
-                h = _usage(space, space.shard_hbm, o, rs)
-                d = _usage(space, space.shard_ddr, o, rs)
-                if any(v > hbm_free[r] for r, v in h.items()) or any(v > ddr_free[r] for r, v in d.items()):
-                    continue
-                x = model.new_bool_var("")
-                model.add_hint(x, (o, rs) == current)
-                for r, v in zip(rs, perf[space.shards(o)].tolist()):
-                    load_terms[r].append((x, int(round(v * scale))))
-                for r, v in h.items():
-                    if v:
-                        hbm_terms[r].append((x, v))
-                for r, v in d.items():
-                    if v:
-                        ddr_terms[r].append((x, v))
-                per_table.append((x, o, rs))
-            model.add_exactly_one(x for x, _, _ in per_table)
-            chosen.append(per_table)
-        z = model.new_int_var(0, 2**40, "makespan")
-        for r in range(W):
-            const = int(round(base[r] * scale))
-            model.add(sum(c * x for x, c in load_terms[r]) + const <= z)
-            for terms, free in ((hbm_terms[r], hbm_free[r]), (ddr_terms[r], ddr_free[r])):
-                if sum(c for _, c in terms) > free:  # only where the batch could overflow this rank
-                    model.add(sum(c * x for x, c in terms) <= int(free))
-        model.minimize(z)
-        solver = cp_model.CpSolver()
-        solver.parameters.num_workers = 1
-        solver.parameters.random_seed = 0
-        solver.parameters.max_deterministic_time = budget
-        if wall_time_limit is not None:
-            solver.parameters.max_time_in_seconds = float(wall_time_limit)
-        status = solver.solve(model)
+            current = int(a.option[t])
+            options = list(dict.fromkeys(cands.by_table[t].tolist() + [current]))
+            targets = np.arange(W)
+            if W > MAX_TARGET_RANKS:
+                least = np.argsort(base, kind="stable")[:MAX_TARGET_RANKS]
+                targets = np.unique(np.concatenate([least, a.ranks[t]]))
+            choices = b.table(options, targets, free)
+            _hint(b.m, choices, current, a.ranks[t], space)
+            per_table.append(choices)
+        b.finish(base, free)
+        sol = b.m.solve(budget, presolve=False)
         stats["batches"] += 1
+        stats["cp_sat_status"] = sol.status
         if nb == 1:
-            stats["cp_sat_bound"] = solver.best_objective_bound / scale
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            stats["cp_sat_bound"] = sol.bound / b.scale
+        if sol.status not in ("optimal", "feasible"):
             continue
-        new_option, new_ranks = option.copy(), list(ranks)
-        for t, per_table in zip(batch.tolist(), chosen):
-            for x, o, rs in per_table:
-                if solver.boolean_value(x):
-                    new_option[t] = o
-                    new_ranks[t] = np.array(rs, dtype=np.int64)
-        new_loads = rank_loads(space, perf, Assignment(new_option, new_ranks))
+        trial = a.copy()
+        for t, choices in zip(batch.tolist(), per_table):
+            trial.option[t], trial.ranks[t] = _decode(space, choices, sol.values)
+        new_loads = rank_loads(space, perf, trial)
         if new_loads.max() < loads.max():
             stats["improved_batches"] += 1
-            option, ranks, loads = new_option, new_ranks, new_loads
-            hbm_used, ddr_used = rank_memory(space, Assignment(option, ranks))
-    return Assignment(option, ranks), loads, stats
+            a, loads = trial, new_loads
+            used = rank_memory(space, a)
+    return a, loads, stats
+
+
+def exact_model_size(space: SearchSpace, cands: Candidates) -> int:
+    """About how many variables `exact` would create."""
+    kinds = space.opt_placement
+    per_kind = {UNIFORM: 1, HOST_UNIFORM: 1 + space.num_hosts, DEVICE: space.world_size, HOST_DEVICE: space.world_size}
+    return sum(per_kind[int(kinds[o])] for opts in cands.by_table for o in opts.tolist())
+
+
+def exact(space: SearchSpace, cands: Candidates, cap: np.ndarray, deterministic_time: float,
+          scale_hint: float) -> Tuple[str, Optional[Assignment]]:
+    """Solve the whole placement problem from scratch: ("optimal"|"feasible", plan),
+    ("infeasible", None) — a proof that nothing fits — or ("unknown", None) when the budget ran out."""
+    W = space.world_size
+    b = _Builder(space, cands.perf, _SCALE / max(scale_hint, 1e-300))
+    per_table = []
+    for t in range(len(space.tables)):
+        choices = b.table(cands.by_table[t].tolist(), np.arange(W), cap)
+        if not choices:
+            return "infeasible", None
+        per_table.append(choices)
+    b.finish(np.zeros(W), cap)
+    sol = b.m.solve(deterministic_time)
+    if sol.status not in ("optimal", "feasible"):
+        return sol.status, None
+    a = Assignment(np.zeros(len(space.tables), dtype=np.int64), [np.zeros(0, np.int64)] * len(space.tables))
+    for t, choices in enumerate(per_table):
+        a.option[t], a.ranks[t] = _decode(space, choices, sol.values)
+    return sol.status, a

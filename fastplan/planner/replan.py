@@ -3,42 +3,37 @@ starts from a previous plan, with a `PlanDiff` of what moves. Cached like `plan`
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import time
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 from fastplan.planner.diff import PlanDiff, TableState, diff_plans, table_key, table_state
+from fastplan.planner.enumerator import FastEnumerator
+from fastplan.planner.errors import InfeasiblePlanError
 from fastplan.planner.plan_builder import to_sharding_plan
 from fastplan.planner.replan_search import ReplanConfig, ReplanResult, replan_search
 from fastplan.planner.search import SearchResult
 from fastplan.planner.stats import PlanReport, build_report
-from fastplan.planner.tables import check_constraint_tables, check_constraint_values, collect_tables
+from fastplan.planner.tables import check_constraint_values
 
-REPLAN_VERSION = "fastplan-replan-1"  # bump when the replan search changes plans
+if TYPE_CHECKING:
+    from fastplan.cache.fingerprint import PlanInputs
 
-
-@dataclasses.dataclass
-class ReplanReport(PlanReport):
-    """A `PlanReport` of a replanned plan, with what planning from scratch would have given."""
-
-    moved_bytes: Optional[int] = None  # as the search counted them
-    scratch_max_rank_perf: Optional[float] = None
-    scratch_moved_bytes: Optional[int] = None
+REPLAN_VERSION = "fastplan-replan-2"  # bump when the replan search changes plans
 
 
 def _diff(previous: ShardingPlan, plan: ShardingPlan, states: Dict[str, TableState], world_size: int,
-          report: PlanReport) -> PlanDiff:
+          report: Optional[PlanReport]) -> PlanDiff:
     """The diff is recomputed from the plans (also on a cache hit); perf comes from the report."""
     diff = diff_plans(previous, plan, states, world_size=world_size)
-    diff.rank_perf = [r.perf for r in report.ranks]
-    diff.scratch_max_rank_perf = getattr(report, "scratch_max_rank_perf", None)
-    diff.scratch_moved_bytes = getattr(report, "scratch_moved_bytes", None)
+    if report is not None:
+        diff.rank_perf = [r.perf for r in report.ranks]
+        diff.scratch_max_rank_perf = report.scratch_makespan
+        diff.scratch_moved_bytes = report.scratch_moved_bytes
     return diff
 
 
@@ -52,16 +47,20 @@ def _check_previous(previous: ShardingPlan) -> None:
                 raise ValueError(f"replan: previous plan, table '{table_key(path, name)}': ranks {ranks} are not ranks")
 
 
-def _cache_key(planner, module, sharders, tables, previous: ShardingPlan, mode: Tuple, config: ReplanConfig) -> str:
-    from fastplan.cache.agreement import plan_hash, table_digests
-    from fastplan.cache.fingerprint import canonical, plan_fingerprint, reservation_inputs
+def _inputs(planner, module, sharders, tables, previous: ShardingPlan, max_moved_bytes: Optional[int],
+            max_slowdown: float, config: ReplanConfig) -> "PlanInputs":
+    """`planning_inputs` with the previous plan and the replan settings added to the shared section."""
+    import msgspec
 
-    base = plan_fingerprint(
-        tables, planner._topology, reservation_inputs(planner._storage_reservation, module, planner._reserve, sharders),
-        planner._batch_size, sharders, planner._constraints, planner._search_config,
-    )
-    doc = [REPLAN_VERSION, base, plan_hash(table_digests(previous)), canonical(mode), canonical(config)]
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    from fastplan.cache.agreement import plan_hash
+    from fastplan.cache.fingerprint import PlanInputs, canonical_json
+    from fastplan.planfile import table_digests
+
+    inputs = planner.planning_inputs(module, sharders, tables)
+    shared = msgspec.json.decode(inputs.shared)
+    shared["replan"] = {"version": REPLAN_VERSION, "previous": plan_hash(table_digests(previous)), "max_moved_bytes": max_moved_bytes,
+                        "max_slowdown": max_slowdown, "config": asdict(config)}
+    return PlanInputs(canonical_json(shared), inputs.tables)
 
 
 def replan(
@@ -74,66 +73,88 @@ def replan(
     config: Optional[ReplanConfig] = None,
 ) -> Tuple[ShardingPlan, PlanDiff]:
     start = time.perf_counter()
-    if planner._delegate is not None or planner._callbacks:
+    if planner._use_torchrec_loop or planner._callbacks or planner._rank_by_perf_model:
         raise ValueError(
             "replan needs fastplan's own search: this planner hands planning to TorchRec (proposer, partitioner "
-            "or plan_loader) or runs callbacks, which could move shards behind the move accounting"
+            "or plan_loader), ranks plans by a performance model, or runs callbacks, which could move shards "
+            "behind the move accounting"
         )
+    if not isinstance(planner._enumerator, FastEnumerator):
+        raise ValueError("replan needs fastplan's FastEnumerator (a custom enumerator was given)")
     _check_previous(previous)
     config = config or ReplanConfig()
     check_constraint_values(planner._constraints)
-    topo = planner._topology
-    tables = collect_tables(module, sharders, topo.compute_device, planner._batch_size, planner._constraints)
-    check_constraint_tables(planner._constraints, tables)
+    world = planner._topology.world_size
+    tables = planner._enumerator.collect(module, sharders)
     states: Dict[str, TableState] = {table_key(t.path, t.name): table_state(t) for t in tables}
+    planner.last_plan_file = None
     if not tables:
-        return ShardingPlan({}), diff_plans(previous, ShardingPlan({}), states, world_size=topo.world_size)
-    key = None
+        planner.last_report = None
+        return ShardingPlan({}), diff_plans(previous, ShardingPlan({}), states, world_size=world)
     cache = planner.cache
-    if cache is not None and cache.enabled and not (planner._stats or planner._enumerator is not None):
-        key = _cache_key(planner, module, sharders, tables, previous, (max_moved_bytes, max_slowdown), config)
-        hit = cache.get(key)
-        if hit is None:
-            with cache.lock(key):
-                hit = cache.get(key)
-                if hit is None:
-                    return _replan_tables(planner, module, sharders, tables, states, previous, max_moved_bytes,
-                                          max_slowdown, config, start, key)
-        plan, report = hit
-        report.planning_seconds = time.perf_counter() - start
-        report.source = "cache"
-        planner._finish(report)
-        return plan, _diff(previous, plan, states, topo.world_size, report)
-    return _replan_tables(planner, module, sharders, tables, states, previous, max_moved_bytes, max_slowdown,
-                          config, start, key)
+    cacheable = cache is not None and not (planner._custom_stats() or planner._enumerator._custom_estimator)
+    if not cacheable:
+        return _replan_tables(planner, module, sharders, tables, states, previous, max_moved_bytes, max_slowdown,
+                              config, start, None)
+    inputs = _inputs(planner, module, sharders, tables, previous, max_moved_bytes, max_slowdown, config)
+    planner.last_key = inputs.key
+    hit = cache.get(inputs.key)
+    if hit is None:
+        with cache.lock(inputs.key):
+            hit = cache.get(inputs.key)
+            if hit is None:
+                return _replan_tables(planner, module, sharders, tables, states, previous, max_moved_bytes,
+                                      max_slowdown, config, start, inputs)
+    hit.inputs = inputs.to_raw()
+    planner.last_plan_file = hit
+    planner._from_cache(module, sharders, tables, hit.plan)
+    if hit.report is not None:
+        hit.report.planning_seconds = time.perf_counter() - start
+        hit.report.source = "cache"
+    planner._finish(hit.report)
+    return hit.plan, _diff(previous, hit.plan, states, world, hit.report)
 
 
 def _replan_tables(planner, module, sharders, tables, states, previous, max_moved_bytes, max_slowdown, config,
-                   start: float, key: Optional[str]) -> Tuple[ShardingPlan, PlanDiff]:
+                   start: float, inputs: Optional["PlanInputs"]) -> Tuple[ShardingPlan, PlanDiff]:
+    from fastplan.planner.plan_builder import to_sharding_options
+
     topo = planner._topology
-    hbm_cap, ddr_cap = planner._reserve(module, sharders)
+    cap = planner._reserve(module, sharders)
     space = planner._search_space(module, sharders, tables)
-    result: ReplanResult = replan_search(
-        space, hbm_cap, ddr_cap, previous, [states[table_key(t.path, t.name)] for t in tables],
-        max_moved_bytes, max_slowdown, planner._search_config, config,
-    )
+    timeout = planner._timeout_seconds
+    deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - start)
+    try:
+        result: ReplanResult = replan_search(
+            space, cap, previous, [states[table_key(t.path, t.name)] for t in space.tables], max_moved_bytes,
+            max_slowdown, planner._search_config.scaled_to(timeout), config, deadline,
+        )
+    except InfeasiblePlanError as e:
+        raise InfeasiblePlanError(f"{e}\n{planner._reservation_note()}", e.error_type, e.proven) from None
     plan = to_sharding_plan(space, result.assignment, topo.compute_device)
+    options = to_sharding_options(space, result.assignment, planner._batch_size)
+    planner._best_plan = options
+    planner._num_proposals = planner._num_plans = 1
     scratch = result.scratch
     summary = SearchResult(result.assignment, result.loads, scratch.greedy_makespan, scratch.lower_bound,
                            {**scratch.stats, **result.stats})
-    base = build_report(space, summary, hbm_cap, ddr_cap, time.perf_counter() - start)
-    report = ReplanReport(**{f.name: getattr(base, f.name) for f in dataclasses.fields(PlanReport)},
-                          moved_bytes=result.moved, scratch_max_rank_perf=scratch.makespan,
-                          scratch_moved_bytes=result.scratch_moved)
+    report = build_report(space, summary, cap[:, 0], cap[:, 1], time.perf_counter() - start)
+    report.moved_bytes, report.scratch_makespan, report.scratch_moved_bytes = (
+        result.moved, scratch.makespan, result.scratch_moved)
     report.source = f"replanned ({result.source})"
-    if key is not None:
-        planner.cache.put(key, plan, report)
+    planner._log_stats(plan, options, sharders, report.planning_seconds)
+    if inputs is not None:
+        from fastplan.planfile import PlanFile, estimates_from_options
+
+        estimates = estimates_from_options(options)
+        planner.last_plan_file = PlanFile(plan, report, inputs.to_raw(), inputs.key, estimates)
+        planner.cache.put(inputs.key, plan, report=report, estimates=estimates)
     planner._finish(report)
     return plan, _diff(previous, plan, states, topo.world_size, report)
 
 
 class _Replanning:
-    """What `agree_on_plan` needs of a planner (`plan(module, sharders)`), answered by `replan`."""
+    """What `agree_on_plan` needs of a planner (`plan`, `planning_inputs`), answered by `replan`."""
 
     def __init__(self, planner, previous: ShardingPlan, kwargs: dict) -> None:
         self._planner = planner
@@ -146,16 +167,21 @@ class _Replanning:
         plan, self.diff = replan(self._planner, module, sharders, self._previous, **self._kwargs)
         return plan
 
+    def planning_inputs(self, module, sharders) -> "PlanInputs":
+        kw = self._kwargs
+        return _inputs(self._planner, module, sharders, None, self._previous, kw.get("max_moved_bytes"),
+                       kw.get("max_slowdown", 0.01), kw.get("config") or ReplanConfig())
+
 
 def collective_replan(planner, module, sharders, previous: ShardingPlan, pg: Optional[dist.ProcessGroup],
-                      **kwargs) -> Tuple[ShardingPlan, PlanDiff]:
+                      timeout: Optional[float] = None, **kwargs) -> Tuple[ShardingPlan, PlanDiff]:
     """`replan` on every rank, then the same hash agreement as `collective_plan`."""
-    from fastplan.cache.agreement import agree_on_plan
+    from fastplan.cache.agreement import DEFAULT_AGREEMENT_TIMEOUT_S, agree_on_plan
 
     if pg is None:
         if not dist.is_initialized():
             raise RuntimeError("collective_replan needs an initialized process group (or use replan())")
         pg = dist.GroupMember.WORLD
     call = _Replanning(planner, previous, kwargs)
-    plan = agree_on_plan(call, module, sharders, pg)
+    plan = agree_on_plan(call, module, sharders, pg, DEFAULT_AGREEMENT_TIMEOUT_S if timeout is None else timeout)
     return plan, call.diff

@@ -18,15 +18,14 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from torchrec.distributed.types import ShardingPlan
 
-from fastplan.planner.cost import DP, RW, TWCW, TWRW
+from fastplan.planner.assignment import Assignment
 from fastplan.planner.diff import Layout, TableState, shardings, table_key, transfer
 from fastplan.planner.errors import InfeasiblePlanError
-from fastplan.planner.search import Assignment, SearchConfig, SearchResult, search
-from fastplan.planner.search_space import SearchSpace
+from fastplan.planner.search import SearchConfig, SearchResult, search
+from fastplan.planner.search_space import DEVICE, HOST_DEVICE, HOST_UNIFORM, UNIFORM, SearchSpace
 
 _EPS = 1e-9  # relative perf differences below this are float noise
-_UNIFORM_TYPES = (RW, DP)  # shard i on rank i
-_HOST_TYPES = (TWRW, TWCW)  # several shards: all inside one host
+_TIERS = ("hbm", "ddr", "ssd")
 
 
 @dataclass
@@ -66,7 +65,7 @@ class Previous:
 def map_previous(space: SearchSpace, previous: ShardingPlan, states: List[TableState]) -> Previous:
     old = shardings(previous)
     W = space.world_size
-    by_table = _options_by_table(space)
+    by_table = space.options_by_table()
     layouts: List[Optional[Layout]] = []
     stay: List[Optional[Tuple[int, np.ndarray]]] = []
     for t, table in enumerate(space.tables):
@@ -78,34 +77,56 @@ def map_previous(space: SearchSpace, previous: ShardingPlan, states: List[TableS
         layouts.append(Layout.of(ps, states[t].rows, states[t].dim))
         ranks = np.array(ps.ranks or [], dtype=np.int64)
         match = None
-        if len(ranks) and ranks.max() < W:
-            for o in by_table[t].tolist():
-                if (space.opt_type[o], space.opt_kernel[o]) == (ps.sharding_type, ps.compute_kernel) and int(
-                    space.opt_count[o]
-                ) == len(ranks):
-                    match = (o, ranks)
-                    break
+        for o in by_table[t].tolist():
+            if (space.opt_type[o], space.opt_kernel[o]) == (ps.sharding_type, ps.compute_kernel) and int(
+                space.opt_count[o]
+            ) == len(ranks) and _allowed(space, o, ranks):
+                match = (o, ranks)
+                break
         stay.append(match)
     return Previous(layouts, stay)
 
 
-def _options_by_table(space: SearchSpace) -> List[np.ndarray]:
-    order = np.argsort(space.opt_table, kind="stable")
-    bounds = np.searchsorted(space.opt_table[order], np.arange(len(space.tables) + 1))
-    return [order[bounds[i] : bounds[i + 1]] for i in range(len(space.tables))]
+def _allowed(space: SearchSpace, o: int, ranks: np.ndarray) -> bool:
+    """Whether TorchRec's partitioner could place option `o`'s shards on `ranks` (its placement kind)."""
+    W, G = space.world_size, space.host_size
+    if len(ranks) != int(space.opt_count[o]) or not len(ranks) or ranks.min() < 0 or ranks.max() >= W:
+        return False
+    kind = space.opt_placement[o]
+    if kind == UNIFORM:
+        return bool((ranks == np.arange(len(ranks))).all())
+    if kind == DEVICE:
+        return True
+    host = ranks // G
+    if (host != host[0]).any() or host[0] >= space.num_hosts:
+        return False
+    return kind == HOST_DEVICE or bool((ranks == host[0] * G + np.arange(len(ranks))).all())
+
+
+def _placements(space: SearchSpace, o: int) -> List[np.ndarray]:
+    """The layouts offered for a multi-shard option: uniform as TorchRec fixes it, one per host, or
+    consecutive ranks (wrapping within a host, or over all ranks) from every start."""
+    n, W, G = int(space.opt_count[o]), space.world_size, space.host_size
+    kind = space.opt_placement[o]
+    if kind == UNIFORM:
+        return [np.arange(n)]
+    if kind == HOST_UNIFORM:
+        return [np.arange(h * G, h * G + n) for h in range(space.num_hosts)]
+    if kind == HOST_DEVICE:
+        return [h * G + (s + np.arange(n)) % G for h in range(space.num_hosts) for s in range(G)]
+    return [(s + np.arange(n)) % W for s in range(W)]
 
 
 class _Columns:
     """Every placement (option, ranks) considered per table, as dense per-rank arrays: perf load,
-    HBM, DDR and the bytes it moves."""
+    memory per tier (hbm, ddr, ssd) and the bytes it moves."""
 
     def __init__(self, space: SearchSpace, prev: Previous, states: List[TableState], scratch: Assignment) -> None:
         W = space.world_size
-        L = max(1, min(space.local_world_size, W))
         perf = space.shard_total
-        self._rows: Dict[str, list] = {k: [] for k in ("table", "option", "moved", "load", "hbm", "ddr")}
+        self._rows: Dict[str, list] = {k: [] for k in ("table", "option", "moved", "load", "mem")}
         self.ranks: List[np.ndarray] = []
-        by_table = _options_by_table(space)
+        by_table = space.options_by_table()
         for t in range(len(space.tables)):
             keep = {int(scratch.option[t])} | ({prev.stay[t][0]} if prev.stay[t] is not None else set())
             seen: set = set()
@@ -123,18 +144,12 @@ class _Columns:
                     if n == 1:  # every rank at once
                         m = carried[0][None, :] - local[0]
                         w, opt = states[t].bytes(m[:, 0], m[:, 1])
-                        eye = np.eye(W)
+                        eye = np.eye(W, dtype=np.int64)
                         self._add(t, o, [np.array([r]) for r in range(W)], w + opt, eye * perf[sl][0],
-                                  (eye * space.shard_hbm[sl][0]).astype(np.int64), (eye * space.shard_ddr[sl][0]).astype(np.int64))
+                                  eye[:, :, None] * space.shard_mem[sl][0])
                         seen.update((o, (r,)) for r in range(W))
                         continue
-                    st = str(space.opt_type[o])
-                    if st in _UNIFORM_TYPES:
-                        placements = [np.arange(n)]
-                    elif st in _HOST_TYPES and n <= L:
-                        placements = [np.arange(s, s + n) for h in range(0, W, L) for s in range(h, h + L - n + 1)]
-                    else:  # several column-wise shards: consecutive ranks from each start
-                        placements = [(np.arange(n) + s) % W for s in range(W)]
+                    placements = _placements(space, o)
                     if prev.stay[t] is not None and prev.stay[t][0] == o:
                         placements.append(prev.stay[t][1])
                     if int(scratch.option[t]) == o:
@@ -146,17 +161,16 @@ class _Columns:
                         seen.add((o, tuple(r.tolist())))
                         m = carried - local[np.arange(n), r]
                         w, opt = states[t].bytes(m[:, 0], m[:, 1])
-                        rows = [np.zeros(W), np.zeros(W, np.int64), np.zeros(W, np.int64)]
-                        for row, values in zip(rows, (perf[sl], space.shard_hbm[sl], space.shard_ddr[sl])):
-                            np.add.at(row, r, values)
-                        self._add(t, o, [r], np.array([int(w.sum() + opt.sum())]), *(row[None, :] for row in rows))
+                        load, mem = np.zeros(W), np.zeros((W, 3), np.int64)
+                        np.add.at(load, r, perf[sl])
+                        np.add.at(mem, r, space.shard_mem[sl])
+                        self._add(t, o, [r], np.array([int(w.sum() + opt.sum())]), load[None], mem[None])
         rows = self._rows
         self.table = np.concatenate(rows["table"]).astype(np.int64)
         self.option = np.concatenate(rows["option"]).astype(np.int64)
         self.moved = np.concatenate(rows["moved"]).astype(np.int64)
         self.load = np.concatenate(rows["load"]).reshape(-1, W)
-        self.hbm = np.concatenate(rows["hbm"]).reshape(-1, W)
-        self.ddr = np.concatenate(rows["ddr"]).reshape(-1, W)
+        self.mem = np.concatenate(rows["mem"]).reshape(-1, W, 3).astype(np.int64)
         del self._rows
         self.work = self.load.sum(axis=1)
         self.bounds = np.searchsorted(self.table, np.arange(len(space.tables) + 1))
@@ -169,11 +183,11 @@ class _Columns:
         for c in np.nonzero(self.single)[0].tolist():
             self.sibling[c] = [self.index[(int(self.option[c]), (q,))] for q in range(W)]
 
-    def _add(self, t: int, o: int, ranks: List[np.ndarray], moved, load, hbm, ddr) -> None:
+    def _add(self, t: int, o: int, ranks: List[np.ndarray], moved, load, mem) -> None:
         k = len(ranks)
         self.ranks.extend(ranks)
         for name, value in (("table", np.full(k, t)), ("option", np.full(k, o)), ("moved", moved), ("load", load),
-                            ("hbm", hbm), ("ddr", ddr)):
+                            ("mem", mem)):
             self._rows[name].append(np.asarray(value))
 
     def find(self, o: int, ranks: np.ndarray) -> int:
@@ -191,12 +205,12 @@ def _geometry_groups(space: SearchSpace, opts: np.ndarray) -> List[List[int]]:
 
 
 def _undominated(space: SearchSpace, group: List[int], perf: np.ndarray, keep: set) -> List[int]:
-    """Options of one geometry without those another beats on every shard in perf, HBM and DDR
-    (ties keep the earlier). Options in `keep` always stay."""
+    """Options of one geometry without those another beats on every shard in perf and memory of
+    every tier (ties keep the earlier). Options in `keep` always stay."""
     if len(group) == 1:
         return group
     idx = np.array([np.arange(space.opt_start[o], space.opt_start[o] + space.opt_count[o]) for o in group])
-    vals = np.stack([perf[idx], space.shard_hbm[idx], space.shard_ddr[idx]], axis=-1)  # (k, n, 3)
+    vals = np.concatenate([perf[idx][..., None], space.shard_mem[idx]], axis=-1)  # (k, n, 4)
     le = (vals[:, None] <= vals[None, :]).all(axis=(2, 3))  # le[p, o]: p no worse than o
     eq = (vals[:, None] == vals[None, :]).all(axis=(2, 3))
     k = len(group)
@@ -209,13 +223,11 @@ def _undominated(space: SearchSpace, group: List[int], perf: np.ndarray, keep: s
 class _Placement:
     """The chosen column per table with per-rank load, free memory and total moved bytes."""
 
-    def __init__(self, cols: _Columns, n_tables: int, hbm_cap: np.ndarray, ddr_cap: np.ndarray) -> None:
+    def __init__(self, cols: _Columns, n_tables: int, cap: np.ndarray) -> None:
         self.cols = cols
         self.choice = np.full(n_tables, -1, dtype=np.int64)
-        W = cols.load.shape[1]
-        self.loads = np.zeros(W)
-        self.free_h = hbm_cap.astype(np.int64).copy()
-        self.free_d = ddr_cap.astype(np.int64).copy()
+        self.loads = np.zeros(cols.load.shape[1])
+        self.free = cap.astype(np.int64).copy()  # (world_size, 3)
         self.moved = 0
 
     def copy(self) -> "_Placement":
@@ -223,7 +235,7 @@ class _Placement:
         other.cols = self.cols
         other.choice = self.choice.copy()
         other.loads = self.loads.copy()
-        other.free_h, other.free_d = self.free_h.copy(), self.free_d.copy()
+        other.free = self.free.copy()
         other.moved = self.moved
         return other
 
@@ -231,22 +243,18 @@ class _Placement:
         cols, cur = self.cols, int(self.choice[t])
         if cur >= 0:
             self.loads -= cols.load[cur]
-            self.free_h += cols.hbm[cur]
-            self.free_d += cols.ddr[cur]
+            self.free += cols.mem[cur]
             self.moved -= int(cols.moved[cur])
         self.loads += cols.load[c]
-        self.free_h -= cols.hbm[c]
-        self.free_d -= cols.ddr[c]
+        self.free -= cols.mem[c]
         self.moved += int(cols.moved[c])
         self.choice[t] = c
 
     def fits(self, t: int, cand: np.ndarray) -> np.ndarray:
         """Which candidate columns of table t fit in memory (its current column freed)."""
         cols, cur = self.cols, int(self.choice[t])
-        fh, fd = self.free_h, self.free_d
-        if cur >= 0:
-            fh, fd = fh + cols.hbm[cur], fd + cols.ddr[cur]
-        return ((cols.hbm[cand] <= fh) & (cols.ddr[cand] <= fd)).all(axis=1)
+        free = self.free + cols.mem[cur] if cur >= 0 else self.free
+        return (cols.mem[cand] <= free).all(axis=(1, 2))
 
     def trial_loads(self, t: int, cand: np.ndarray) -> np.ndarray:
         base = self.loads - self.cols.load[int(self.choice[t])] if self.choice[t] >= 0 else self.loads
@@ -258,16 +266,16 @@ class _Placement:
 
 def _infeasible(space: SearchSpace, t: int, p: _Placement, why: str) -> InfeasiblePlanError:
     table = space.tables[t]
-    free = ", ".join(f"rank {r}: hbm={int(h)} B ddr={int(d)} B" for r, (h, d) in enumerate(zip(p.free_h, p.free_d)))
+    free = ", ".join(f"rank {r}: " + " ".join(f"{k}={int(v)} B" for k, v in zip(_TIERS, row)) for r, row in enumerate(p.free))
     return InfeasiblePlanError(f"replan: table '{table.name}' ({table.rows}x{table.dim}, module '{table.path}') {why}\nfree per rank: {free}")
 
 
-def _construct(space: SearchSpace, cols: _Columns, prev: Previous, hbm_cap, ddr_cap, target: Optional[float],
+def _construct(space: SearchSpace, cols: _Columns, prev: Previous, cap: np.ndarray, target: Optional[float],
                budget: Optional[int]) -> Tuple[_Placement, List[bool]]:
     """Kept tables where they were (if they still fit), then every other table largest first on the
     column that moves least (within `target` when given), then the lowest peak."""
     n = len(space.tables)
-    p = _Placement(cols, n, hbm_cap, ddr_cap)
+    p = _Placement(cols, n, cap)
     pinned = [False] * n
     for t in range(n):
         if prev.stay[t] is None:
@@ -329,7 +337,7 @@ def _neighbours(p: _Placement, top: int, free: np.ndarray, swaps: bool, anywhere
         owner = np.repeat(on_top, lens)
         cand = np.repeat(cols.bounds[on_top] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
         old = cur[owner]
-        ok = (cand != old) & ((cols.hbm[cand] <= p.free_h + cols.hbm[old]) & (cols.ddr[cand] <= p.free_d + cols.ddr[old])).all(axis=1)
+        ok = (cand != old) & (cols.mem[cand] <= p.free + cols.mem[old]).all(axis=(1, 2))
         owner, cand, old = owner[ok], cand[ok], old[ok]
         none = np.full(len(cand), -1)
         parts.append((owner, cand, none, none, loads - cols.load[old] + cols.load[cand], cols.moved[cand] - cols.moved[old]))
@@ -343,9 +351,9 @@ def _neighbours(p: _Placement, top: int, free: np.ndarray, swaps: bool, anywhere
         pa, pb = cols.load[ca, top], cols.load[cb, rb]
         ok = (na >= 0) & (nb >= 0) & (pa > pb)
         na, nb = np.where(ok, na, 0), np.where(ok, nb, 0)
-        for mem, free_mem in ((cols.hbm, p.free_h), (cols.ddr, p.free_d)):
-            ok &= mem[na, rb] <= free_mem[rb] + mem[cb, rb]
-            ok &= mem[nb, top] <= free_mem[top] + mem[ca, top]
+        mem = cols.mem
+        ok &= (mem[na, rb] <= p.free[rb] + mem[cb, rb]).all(axis=-1)
+        ok &= (mem[nb, top] <= p.free[top] + mem[ca, top]).all(axis=-1)
         i, j = np.nonzero(ok)
         if len(i):
             trial = np.repeat(loads[None, :], len(i), axis=0)
@@ -461,7 +469,7 @@ def _score(loads: np.ndarray) -> Tuple[float, int]:
     return peak, int(np.count_nonzero(loads >= peak * (1 - _EPS)))
 
 
-def _cp_sat(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: float, config: ReplanConfig) -> Optional[np.ndarray]:
+def _cp_sat(p: _Placement, free: np.ndarray, cap: np.ndarray, target: float, config: ReplanConfig) -> Optional[np.ndarray]:
     """CP-SAT: the fewest moved bytes with every rank within `target`, over the tables that move
     bytes now and the cheapest to move of the rest (up to `cp_tables`), each offered its zero-move
     columns and single-shard columns on the least loaded ranks. Returns the new choice or None."""
@@ -489,17 +497,17 @@ def _cp_sat(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: float, co
     model = cp_model.CpModel()
     rows: List[List[Tuple[object, int]]] = []
     load = [[] for _ in range(W)]
-    hbm = [[] for _ in range(W)]
-    ddr = [[] for _ in range(W)]
+    mem = [[[] for _ in range(3)] for _ in range(W)]
     moved = []
     for t, cand in enumerate(chosen):
         row = []
         for c in cand.tolist():
             x = model.new_bool_var("")
             model.add_hint(x, c == p.choice[t])
-            for terms, values, scaled in ((load, cols.load[c], scale), (hbm, cols.hbm[c], 1), (ddr, cols.ddr[c], 1)):
-                for r in np.nonzero(values)[0].tolist():
-                    terms[r].append((x, int(round(values[r] * scaled))))
+            for r in np.nonzero(cols.load[c])[0].tolist():
+                load[r].append((x, int(round(cols.load[c, r] * scale))))
+            for r, k in zip(*np.nonzero(cols.mem[c])):
+                mem[r][k].append((x, int(cols.mem[c, r, k])))
             if cols.moved[c]:
                 moved.append((x, int(cols.moved[c])))
             row.append((x, c))
@@ -507,9 +515,10 @@ def _cp_sat(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: float, co
         rows.append(row)
     for r in range(W):
         model.add(sum(v * x for x, v in load[r]) <= int(math.floor(target * scale)))
-        for terms, cap in ((hbm[r], hbm_cap[r]), (ddr[r], ddr_cap[r])):
-            if sum(v for _, v in terms) > cap:
-                model.add(sum(v * x for x, v in terms) <= int(cap))
+        for k in range(3):
+            terms = mem[r][k]
+            if sum(v for _, v in terms) > cap[r, k]:
+                model.add(sum(v * x for x, v in terms) <= int(cap[r, k]))
     model.minimize(sum(v * x for x, v in moved))
     solver = cp_model.CpSolver()
     # A portfolio (LNS included) interleaved in one thread: deterministic, and it improves on the
@@ -532,51 +541,53 @@ def _apply(p: _Placement, choice: np.ndarray) -> _Placement:
     return q
 
 
-def _polish(p: _Placement, free: np.ndarray, hbm_cap, ddr_cap, target: float, config: ReplanConfig) -> Tuple[_Placement, float]:
+def _polish(p: _Placement, free: np.ndarray, cap: np.ndarray, target: float, config: ReplanConfig) -> Tuple[_Placement, float]:
     """CP-SAT from `p` (fewest bytes within `target`); its answer is kept only if it moves fewer
     bytes, meets the target exactly (not just in CP-SAT's rounded units) and fits in memory."""
     if config.deterministic_time <= 0 or p.moved == 0 or not free.any():
         return p, 0.0
     start = time.perf_counter()
-    choice = _cp_sat(p, free, hbm_cap, ddr_cap, target, config)
+    choice = _cp_sat(p, free, cap, target, config)
     if choice is not None:
         q = _apply(p, choice)
-        if q.moved < p.moved and q.loads.max() <= target and (q.free_h >= 0).all() and (q.free_d >= 0).all():
+        if q.moved < p.moved and q.loads.max() <= target and (q.free >= 0).all():
             p = q
     return p, time.perf_counter() - start
 
 
-def _fewest_bytes(space, cols, prev, hbm_cap, ddr_cap, target: float, scratch_cols: np.ndarray,
+def _fewest_bytes(space, cols, prev, cap, target: float, scratch_cols: np.ndarray,
                   config: ReplanConfig) -> Tuple[_Placement, np.ndarray, float]:
     """Mode 1: the fewest moved bytes with every rank within `target`."""
-    p, _ = _construct(space, cols, prev, hbm_cap, ddr_cap, target, None)
+    p, _ = _construct(space, cols, prev, cap, target, None)
     free = np.ones(len(space.tables), bool)
     _repair(p, target, free, config.max_steps)
     if p.loads.max() > target:  # the from-scratch plan always meets the target: start from it
         p = _apply(p, scratch_cols)
     _trim(p, target, free)
-    p, cp_s = _polish(p, free, hbm_cap, ddr_cap, target, config)
+    p, cp_s = _polish(p, free, cap, target, config)
     return p, free, cp_s
 
 
 def replan_search(
     space: SearchSpace,
-    hbm_cap: np.ndarray,
-    ddr_cap: np.ndarray,
+    cap: np.ndarray,
     previous: ShardingPlan,
     states: List[TableState],
     max_moved_bytes: Optional[int] = None,
     max_slowdown: float = 0.01,
     search_config: Optional[SearchConfig] = None,
     config: Optional[ReplanConfig] = None,
+    deadline: Optional[float] = None,
 ) -> ReplanResult:
+    """`cap`: (world_size, 3) bytes per rank of hbm, ddr and ssd left for embeddings. `deadline`
+    (time.monotonic()) is passed to the from-scratch search only."""
     if max_moved_bytes is not None and max_moved_bytes < 0:
         raise ValueError(f"max_moved_bytes must be >= 0, got {max_moved_bytes}")
     if not (max_slowdown >= 0 and math.isfinite(max_slowdown)):
         raise ValueError(f"max_slowdown must be a finite number >= 0, got {max_slowdown}")
     config = config or ReplanConfig()
     t0 = time.perf_counter()
-    scratch = search(space, hbm_cap, ddr_cap, search_config)
+    scratch = search(space, cap[:, 0], cap[:, 1], search_config, deadline, ssd_cap=cap[:, 2])
     t1 = time.perf_counter()
     prev = map_previous(space, previous, states)
     cols = _Columns(space, prev, states, scratch.assignment)
@@ -586,10 +597,10 @@ def replan_search(
     n = len(space.tables)
     target = scratch.makespan * (1 + max_slowdown)
     if max_moved_bytes is None:
-        p, free, cp_s = _fewest_bytes(space, cols, prev, hbm_cap, ddr_cap, target, scratch_cols, config)
+        p, free, cp_s = _fewest_bytes(space, cols, prev, cap, target, scratch_cols, config)
         _improve(p, p.moved, free, config.max_steps)  # then the best perf for those bytes
     else:
-        p, pinned = _construct(space, cols, prev, hbm_cap, ddr_cap, None, max_moved_bytes)
+        p, pinned = _construct(space, cols, prev, cap, None, max_moved_bytes)
         # New and changed tables first (kept ones pinned), then everything within the budget.
         # Budget 0 stops there: kept tables stay exactly as they were.
         free = ~np.array(pinned)
@@ -599,7 +610,7 @@ def replan_search(
             _improve(p, max_moved_bytes, free, config.max_steps)
         cp_s = 0.0
         if max_moved_bytes > 0:  # the fewest-bytes plan within the slowdown may also fit the budget, and be faster
-            q, _, more = _fewest_bytes(space, cols, prev, hbm_cap, ddr_cap, target, scratch_cols, config)
+            q, _, more = _fewest_bytes(space, cols, prev, cap, target, scratch_cols, config)
             cp_s += more
             if q.moved <= max_moved_bytes:
                 _improve(q, max_moved_bytes, free, config.max_steps)
@@ -607,7 +618,7 @@ def replan_search(
                     p = q
         if p.moved:  # then the fewest bytes for that perf
             _trim(p, float(p.loads.max()), free)
-            p, more = _polish(p, free, hbm_cap, ddr_cap, float(p.loads.max()), config)
+            p, more = _polish(p, free, cap, float(p.loads.max()), config)
             cp_s += more
     _trim(p, float(p.loads.max()), free)
     stats = {"scratch_s": t1 - t0, "replan_s": time.perf_counter() - t1, "cp_sat_s": cp_s}

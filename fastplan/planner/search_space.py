@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import List, Sequence
 
 import numpy as np
@@ -13,9 +14,13 @@ from torchrec.distributed.sharding_plan import _get_block_size_for_cw_shard
 from fastplan.planner.cost import CW, DP, PERF_FIELDS, RW, TW, TWCW, TWRW, CostModel
 from fastplan.planner.tables import TableInfo
 
-# How shards of an option may be placed: each shard on any rank, all shards in one host, shard i on rank i.
-DEVICE, HOST, UNIFORM = 0, 1, 2
-PLACEMENT = {TW: DEVICE, CW: DEVICE, TWCW: HOST, TWRW: HOST, RW: UNIFORM, DP: UNIFORM}
+# How TorchRec's partitioner may place an option's shards (what any of its layouts can look like):
+# UNIFORM: shard i on rank i (row-wise, data-parallel); DEVICE: each shard on any rank, several may
+# share one (table-wise, column-wise); HOST_UNIFORM: shard i on rank i of one host (table-row-wise);
+# HOST_DEVICE: every shard on some rank of one host (table-column-wise). A host is a block of
+# `host_size` (TorchRec's intra_group_size) consecutive ranks; ranks past the last whole block are in none.
+UNIFORM, DEVICE, HOST_UNIFORM, HOST_DEVICE = 0, 1, 2, 3
+PLACEMENT = {TW: DEVICE, CW: DEVICE, TWCW: HOST_DEVICE, TWRW: HOST_UNIFORM, RW: UNIFORM, DP: UNIFORM}
 
 
 @dataclass
@@ -25,25 +30,37 @@ class SearchSpace:
     tables: List[TableInfo]
     world_size: int
     local_world_size: int
+    host_size: int
     opt_table: np.ndarray
     opt_type: np.ndarray  # sharding type strings
     opt_kernel: np.ndarray  # compute kernel strings
     opt_start: np.ndarray
     opt_count: np.ndarray
     shard_perf: np.ndarray  # (n_shards, 6) in PERF_FIELDS order
-    shard_hbm: np.ndarray
-    shard_ddr: np.ndarray
+    shard_mem: np.ndarray  # (n_shards, 3) bytes of hbm, ddr, ssd
     shard_size: np.ndarray  # (n_shards, 2) rows, cols
     shard_offset: np.ndarray  # (n_shards, 2)
+
+    @property
+    def shard_hbm(self) -> np.ndarray:
+        return self.shard_mem[:, 0]
+
+    @property
+    def shard_ddr(self) -> np.ndarray:
+        return self.shard_mem[:, 1]
 
     @property
     def shard_total(self) -> np.ndarray:
         """`Perf.total`: everything but input-dist comms."""
         return self.shard_perf[:, :5].sum(axis=1)
 
-    @property
+    @cached_property
     def opt_placement(self) -> np.ndarray:
         return np.array([PLACEMENT[t] for t in self.opt_type.tolist()], dtype=np.int8)
+
+    @property
+    def num_hosts(self) -> int:
+        return self.world_size // self.host_size
 
     def shards(self, option: int) -> slice:
         s = int(self.opt_start[option])
@@ -115,23 +132,26 @@ def build_search_space(tables: List[TableInfo], cost: CostModel) -> SearchSpace:
         tables=tables,
         world_size=world,
         local_world_size=cost.local,
+        host_size=group,
         opt_table=o_table,
         opt_type=o_type,
         opt_kernel=o_kernel,
         opt_start=o_start,
         opt_count=o_count,
         shard_perf=perf[s_opt],
-        shard_hbm=hbm,
-        shard_ddr=ddr,
+        shard_mem=np.stack([hbm, ddr, np.zeros_like(hbm)], axis=1).astype(np.int64).reshape(-1, 3),
         shard_size=np.stack([s_rows, s_cols], axis=1) if len(s_rows) else np.zeros((0, 2), np.int64),
         shard_offset=np.stack([s_row_off, s_col_off], axis=1) if len(s_rows) else np.zeros((0, 2), np.int64),
     )
 
 
 def from_sharding_options(
-    tables: List[TableInfo], options: Sequence[ShardingOption], world_size: int, local_world_size: int
+    tables: List[TableInfo], options: Sequence[ShardingOption], world_size: int, local_world_size: int, host_size: int
 ) -> SearchSpace:
-    """A search space from TorchRec `ShardingOption`s (a user's enumerator or estimators)."""
+    """A search space from TorchRec `ShardingOption`s (a user's enumerator or estimators); tables
+    the options do not mention are left out."""
+    present = {(so.path, so.name) for so in options}
+    tables = [t for t in tables if (t.path, t.name) in present]
     index = {(t.path, t.name): i for i, t in enumerate(tables)}
     rows = []
     for so in options:
@@ -139,29 +159,32 @@ def from_sharding_options(
         if key not in index:
             raise KeyError(f"enumerator returned table '{so.name}' of module '{so.path}' that fastplan did not find")
         rows.append((index[key], so))
-    rows.sort(key=lambda r: r[0])  # stable: keeps the enumerator's order within a table
+    # TorchRec orders a constrained table's options by a set intersection (it varies with
+    # PYTHONHASHSEED): a canonical order keeps plans identical on every rank.
+    kinds = {t: i for i, t in enumerate((DP, TW, CW, TWCW, RW, TWRW))}
+    rows.sort(key=lambda r: (r[0], kinds.get(r[1].sharding_type, len(kinds)), r[1].sharding_type, r[1].compute_kernel))
     counts = np.array([len(so.shards) for _, so in rows], dtype=np.int64)
-    perf, hbm, ddr, size, offset = [], [], [], [], []
+    perf, mem, size, offset = [], [], [], []
     for _, so in rows:
         for sh in so.shards:
             p = sh.perf
             perf.append([getattr(p, f) for f in PERF_FIELDS] if p is not None else [math.inf] * 6)
-            hbm.append(sh.storage.hbm if sh.storage else 0)
-            ddr.append(sh.storage.ddr if sh.storage else 0)
+            st = sh.storage
+            mem.append([st.hbm, st.ddr, st.ssd] if st is not None else [0, 0, 0])
             size.append(list(sh.size))
             offset.append(list(sh.offset))
     return SearchSpace(
         tables=tables,
         world_size=world_size,
         local_world_size=local_world_size,
+        host_size=host_size,
         opt_table=np.array([i for i, _ in rows], dtype=np.int64),
         opt_type=np.array([so.sharding_type for _, so in rows], dtype=object),
         opt_kernel=np.array([so.compute_kernel for _, so in rows], dtype=object),
         opt_start=np.cumsum(counts) - counts,
         opt_count=counts,
         shard_perf=np.array(perf, dtype=float).reshape(-1, 6),
-        shard_hbm=np.array(hbm, dtype=np.int64),
-        shard_ddr=np.array(ddr, dtype=np.int64),
+        shard_mem=np.array(mem, dtype=np.int64).reshape(-1, 3),
         shard_size=np.array(size, dtype=np.int64).reshape(-1, 2),
         shard_offset=np.array(offset, dtype=np.int64).reshape(-1, 2),
     )

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torchrec.distributed.planner.constants import BATCH_SIZE, NUM_POOLINGS, POOLING_FACTOR
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption
 from torchrec.distributed.planner.utils import build_sharder_data, sharder_name
 from torchrec.distributed.types import ModuleSharder, ShardingType
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
@@ -29,6 +29,8 @@ FAST_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching")
 # Kernels TorchRec offers only when asked for by name (KV / virtual tables).
 GUARDED_KERNELS = {"key_value", "ssd_virtual_table", "dram_virtual_table", "dram_ssd_virtual_table"}
 KNOWN_SHARDING_TYPES = set(SHARDING_TYPES) | {ShardingType.GRID_SHARD.value}
+# Row-based sharding of feature-processed modules is guarded in TorchRec (position-weighted FPs).
+FP_GUARDED_TYPES = {ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value}
 
 
 @dataclass
@@ -106,24 +108,27 @@ class TableInfo:
         return any(k not in FAST_KERNELS for ks in self.kernels.values() for k in ks)
 
 
-def _is_pooled(module: nn.Module) -> bool:
-    from torchrec.modules.embedding_modules import EmbeddingCollectionInterface
-
-    return not isinstance(module, EmbeddingCollectionInterface)
-
-
-def _filter_kernels(allowed: List[str], constraint: Optional[ParameterConstraints]) -> List[str]:
+def _filter_kernels(allowed: List[str], constraint: Optional[ParameterConstraints], has_ssd: bool) -> List[str]:
+    """TorchRec's enumerator rules: guarded kernels only when asked for by name, key-value only
+    with an SSD tier, dense only where fused is unavailable."""
     if constraint and constraint.compute_kernels:
         wanted = list(constraint.compute_kernels)
     else:
         wanted = [k for k in allowed if k not in GUARDED_KERNELS]
     kernels = [k for k in allowed if k in wanted]
-    # Like TorchRec: KV needs an SSD tier; dense is only kept where fused is unavailable.
-    if "key_value" in kernels:
+    if "key_value" in kernels and not has_ssd:
         kernels.remove("key_value")
     if "dense" in kernels and "fused" in kernels:
         kernels.remove("dense")
     return kernels
+
+
+def _sharding_types(allowed: List[str], constraint: Optional[ParameterConstraints], feature_processed: bool) -> List[str]:
+    """TorchRec's rules: grid sharding and (for feature-processed modules) row-wise sharding only
+    when a constraint names them."""
+    if constraint and constraint.sharding_types:
+        return [t for t in allowed if t in set(constraint.sharding_types) and t in SHARDING_TYPES]
+    return [t for t in allowed if t in SHARDING_TYPES and not (feature_processed and t in FP_GUARDED_TYPES)]
 
 
 def _batch_inputs_outputs(
@@ -152,40 +157,48 @@ def collect_tables(
     compute_device: str,
     batch_size: Optional[int] = None,
     constraints: Optional[Dict[str, ParameterConstraints]] = None,
+    has_ssd: bool = True,
+    exact_order: bool = False,
 ) -> List[TableInfo]:
-    """Walk `module` breadth-first and return its shardable tables in a stable order."""
+    """The module's shardable tables, in the order TorchRec's `EmbeddingEnumerator` visits them
+    (its planner's tie breaks depend on that order; `exact_order` is its
+    `use_exact_enumerate_order`). Tables whose constraint names another `device_group` are left
+    out, as TorchRec does."""
     batch_size = batch_size or BATCH_SIZE
     constraints = constraints or {}
     sharder_map = {sharder_name(s.module_type): s for s in sharders}
     tables: List[TableInfo] = []
-    queue: List[Tuple[str, nn.Module]] = [("", module)]
-    while queue:
-        path, child = queue.pop(0)
-        sharder = sharder_map.get(sharder_name(type(child)))
+    stack: List[Tuple[str, nn.Module]] = [("", module)]
+    while stack:
+        path, child = stack.pop(0) if exact_order else stack.pop()
+        key = sharder_name(type(child))
+        sharder = sharder_map.get(key)
         if sharder is None:
-            queue.extend(((f"{path}.{n}" if path else n), m) for n, m in child.named_children())
+            stack.extend(((f"{path}.{n}" if path else n), m) for n, m in child.named_children())
             continue
         data = build_sharder_data(sharder)
-        allowed_types = [t for t in sharder.sharding_types(compute_device) if t != ShardingType.GRID_SHARD.value]
+        allowed_types = list(sharder.sharding_types(compute_device))
+        feature_processed = "FeatureProcessedEmbeddingBagCollection" in key
         weighted_module = (
             child.is_weighted()
             if isinstance(child, EmbeddingBagCollectionInterface) and callable(getattr(child, "is_weighted", None))
             else None
         )
         fp = getattr(getattr(child, "_feature_processor", None), "feature_processor_modules", None)
-        pooled = _is_pooled(child)
+        pooled = ShardingOption.module_pooled(child, path)
         offered = {t: sharder.compute_kernels(t, compute_device) for t in allowed_types}
-        unconstrained = {t: ks for t in allowed_types if (ks := _filter_kernels(offered[t], None))}
+
+        def options(c: Optional[ParameterConstraints]) -> Dict[str, List[str]]:
+            types = _sharding_types(allowed_types, c, feature_processed)
+            return {t: ks for t in types if (ks := _filter_kernels(offered[t], c, has_ssd))}
+
+        unconstrained = options(None)
         default_io = _batch_inputs_outputs(None, batch_size, pooled)
         for name, param in sharder.shardable_parameters(child).items():
             c = constraints.get(name)
             if c is not None and c.device_group and c.device_group != compute_device:
                 continue
-            if c is None:
-                kernels = unconstrained
-            else:
-                types = [t for t in allowed_types if t in set(c.sharding_types)] if c.sharding_types else allowed_types
-                kernels = {t: ks for t in types if (ks := _filter_kernels(offered[t], c))}
+            kernels = unconstrained if c is None else options(c)
             if not kernels:
                 raise ConstraintError(
                     f"table '{name}' ({path}): no sharding type / compute kernel left after constraints "
@@ -220,16 +233,21 @@ def collect_tables(
     return tables
 
 
-def check_constraint_tables(
-    constraints: Optional[Dict[str, ParameterConstraints]], tables: List[TableInfo]
-) -> None:
-    """Reject constraints that name tables the module does not have."""
-    names = {t.name for t in tables}
-    unknown = sorted(set(constraints or {}) - names)
-    if unknown:
-        raise ConstraintError(
-            f"constraints name unknown table(s) {unknown}; the module's tables are e.g. {sorted(names)[:5]}"
-        )
+def shardable_names(module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> List[str]:
+    """Names of every shardable table, whatever its device group."""
+    sharder_map = {sharder_name(s.module_type): s for s in sharders}
+    names = []
+    for child in module.modules():
+        sharder = sharder_map.get(sharder_name(type(child)))
+        if sharder is not None:
+            names.extend(sharder.shardable_parameters(child))
+    return names
+
+
+def unknown_constraint_tables(constraints: Optional[Dict[str, ParameterConstraints]], names: List[str]) -> List[str]:
+    """Constraint keys that name no table of the module. TorchRec ignores them (one constraints
+    dict can serve several models); the planner warns once, naming them."""
+    return sorted(set(constraints or {}) - set(names))
 
 
 def check_constraint_values(constraints: Optional[Dict[str, ParameterConstraints]]) -> None:

@@ -1,0 +1,72 @@
+"""Constructive placement: a perf-driven greedy and a memory-first greedy for tight memory."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+
+from fastplan.planner.assignment import Assignment
+from fastplan.planner.candidates import Candidates
+from fastplan.planner.placement import RankState
+from fastplan.planner.search_space import SearchSpace
+
+
+def perf_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
+    """Largest tables first; each takes the option and ranks that keep the projected makespan
+    (max of the highest rank and the average over ranks) lowest, then the least total work.
+    None when some table no longer fits (tight memory: see `memory_greedy`)."""
+    W = space.world_size
+    state = RankState(space, cands.perf, cap)
+    min_work = cands.min_work
+    order = np.argsort(-min_work, kind="stable")
+    remaining = float(min_work.sum())
+    assigned = 0.0
+    option = np.full(len(space.tables), -1, dtype=np.int64)
+    ranks: List[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(space.tables)
+    work = cands.work.tolist()
+    for t in order.tolist():
+        remaining -= float(min_work[t])
+        best = None
+        current_max = float(state.loads.max())
+        for o in cands.by_table[t].tolist():  # ascending work
+            if best is not None and best[0][0] < (assigned + work[o] + remaining) / W:
+                break  # this and every later option projects above the best found
+            placed = state.place(o)
+            if placed is None:
+                continue
+            r, peak = placed
+            new_max = max(current_max, peak)
+            key = (max(new_max, (assigned + work[o] + remaining) / W), work[o], new_max)
+            if best is None or key < best[0]:
+                best = (key, o, r)
+        if best is None:
+            return None
+        _, o, r = best
+        state.add(o, r)
+        assigned += work[o]
+        option[t] = o
+        ranks[t] = r
+    return Assignment(option, ranks)
+
+
+def memory_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
+    """Bin packing first: tables by their smallest memory footprint, largest first; each takes
+    its smallest-footprint option that fits (least work on ties), shards placed best-fit. Perf is
+    left to local search. None when even this packing fails."""
+    footprint = cands.footprint(cap)
+    smallest = np.array([footprint[o].min() if len(o) else 0.0 for o in cands.by_table])
+    state = RankState(space, cands.perf, cap)
+    option = np.full(len(space.tables), -1, dtype=np.int64)
+    ranks: List[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(space.tables)
+    for t in np.argsort(-smallest, kind="stable").tolist():
+        opts = cands.by_table[t]
+        for o in opts[np.lexsort((cands.work[opts], footprint[opts]))].tolist():
+            placed = state.place(o, by_memory=True)
+            if placed is not None:
+                state.add(o, placed[0])
+                option[t], ranks[t] = o, placed[0]
+                break
+        else:
+            return None
+    return Assignment(option, ranks)

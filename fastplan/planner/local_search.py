@@ -1,0 +1,212 @@
+"""Improve a complete, memory-feasible assignment by small moves that lower the busiest rank.
+
+Movable units are the shards of table-wise / column-wise options (any rank) and of
+table-column-wise options (any rank of their host). Each step takes the best of: move a unit off
+the busiest rank, swap it with a smaller unit elsewhere, gather a spread table (row-wise,
+data-parallel) onto one rank (tried when no move or swap helps); when none helps, re-place one
+of the tables on the busiest rank with its best option. A step is taken only if it lowers (makespan, ranks at the makespan).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from fastplan.planner.assignment import Assignment, rank_loads
+from fastplan.planner.candidates import Candidates
+from fastplan.planner.placement import RankState
+from fastplan.planner.search_space import DEVICE, HOST_DEVICE, UNIFORM, SearchSpace
+
+REINSERT_TABLES = 8  # tables on the busiest rank re-placed when no move or swap helps
+
+
+def score(loads: np.ndarray) -> Tuple[float, int]:
+    """Makespan, then how many ranks sit at it: lowering the count eventually lowers the makespan."""
+    peak = float(loads.max())
+    return peak, int(np.count_nonzero(loads >= peak * (1 - 1e-12)))
+
+
+class _Units:
+    """The movable shards of an assignment as arrays."""
+
+    def __init__(self, space: SearchSpace, kind: np.ndarray, a: Assignment) -> None:
+        table, index, lo, hi = [], [], [], []
+        G = space.host_size
+        for t, (o, r) in enumerate(zip(a.option.tolist(), a.ranks)):
+            if kind[o] == DEVICE:
+                bounds = (0, space.world_size)
+            elif kind[o] == HOST_DEVICE:
+                host = int(r[0]) // G
+                bounds = (host * G, host * G + G)
+            else:
+                continue
+            for i in range(len(r)):
+                table.append(t)
+                index.append(i)
+                lo.append(bounds[0])
+                hi.append(bounds[1])
+        self.table = np.array(table, dtype=np.int64)
+        self.index = np.array(index, dtype=np.int64)
+        self.lo = np.array(lo, dtype=np.int64)
+        self.hi = np.array(hi, dtype=np.int64)
+        starts = space.opt_start[a.option[self.table]] if len(table) else np.zeros(0, np.int64)
+        self.shard = starts + self.index
+        self.rank = np.array([int(a.ranks[t][i]) for t, i in zip(table, index)], dtype=np.int64)
+
+
+def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.ndarray,
+                 max_steps: int = 20_000) -> Tuple[Assignment, np.ndarray]:
+    W = space.world_size
+    perf, mem = cands.perf, space.shard_mem
+    kind = cands.placement
+    a = a.copy()
+    st = RankState(space, perf, cap)
+    for o, r in zip(a.option.tolist(), a.ranks):
+        st.add(o, r)
+    loads, free = st.loads, st.free
+    best_single = np.full(len(space.tables), -1)
+    for t, opts in enumerate(cands.by_table):
+        single = opts[(space.opt_count[opts] == 1) & (kind[opts] == DEVICE)]
+        if len(single):
+            best_single[t] = single[0]  # sorted by work
+    units = _Units(space, kind, a)
+
+    def trial(changes: List[Tuple[int, int, np.ndarray]]) -> Tuple[float, int]:
+        """Score after re-placing tables: (table, option, ranks)."""
+        t_loads = loads.copy()
+        for t, o, r in changes:
+            np.subtract.at(t_loads, a.ranks[t], perf[space.shards(int(a.option[t]))])
+            np.add.at(t_loads, r, perf[space.shards(o)])
+        return score(t_loads)
+
+    def apply(t: int, o: int, r: np.ndarray) -> None:
+        st.remove(int(a.option[t]), a.ranks[t])
+        st.add(o, r)
+        a.option[t] = o
+        a.ranks[t] = r
+
+    for _ in range(max_steps):
+        current = score(loads)
+        peak = current[0]
+        top = int(np.argmax(loads))
+        candidates: List[List[Tuple[int, int, np.ndarray]]] = []
+        on_top = np.nonzero(units.rank == top)[0]
+        if len(on_top):
+            p, m = perf[units.shard[on_top]], mem[units.shard[on_top]]
+            ranks = np.arange(W)[None, :]
+            ok = (units.lo[on_top][:, None] <= ranks) & (ranks < units.hi[on_top][:, None]) & (ranks != top)
+            ok &= (m[:, None, :] <= free[None, :, :]).all(2)
+            pair = np.where(ok, np.maximum(peak - p[:, None], loads[None, :] + p[:, None]), np.inf)
+            i, r = np.unravel_index(int(np.argmin(pair)), pair.shape)
+            if np.isfinite(pair[i, r]):
+                candidates.append([_moved(a, units, on_top[i], int(r))])
+            others = np.nonzero(units.rank != top)[0]
+            if len(others):
+                u_o = units.shard[others]
+                ro = units.rank[others]
+                delta = p[:, None] - perf[u_o][None, :]
+                dm = m[:, None, :] - mem[u_o][None, :, :]
+                ok = (delta > 0) & (dm <= free[ro][None, :, :]).all(2) & (-dm <= free[top]).all(2)
+                ok &= (units.lo[on_top][:, None] <= ro[None, :]) & (ro[None, :] < units.hi[on_top][:, None])
+                ok &= (units.lo[others][None, :] <= top) & (top < units.hi[others][None, :])
+                pair = np.where(ok, np.maximum(peak - delta, loads[ro][None, :] + delta), np.inf)
+                i, j = np.unravel_index(int(np.argmin(pair)), pair.shape)
+                if np.isfinite(pair[i, j]):
+                    a_u, b_u = on_top[i], others[j]
+                    if units.table[a_u] == units.table[b_u]:
+                        candidates.append([_swapped(a, units, a_u, b_u)])
+                    else:
+                        candidates.append([_moved(a, units, a_u, int(units.rank[b_u])), _moved(a, units, b_u, top)])
+        best = _best(candidates, trial, current)
+        if best is None:
+            gather = _gather(space, a, kind, best_single, loads, free, perf)
+            best = _best([[gather]] if gather is not None else [], trial, current)
+        if best is None:
+            best = _best(_reinsertions(space, cands, a, st, top), trial, current)
+        if best is None:
+            break
+        rebuild = False
+        for t, o, r in best:
+            rebuild |= o != int(a.option[t]) or kind[o] == UNIFORM
+            apply(t, o, r)
+        if rebuild:
+            units = _Units(space, kind, a)
+        else:
+            for t, _, r in best:
+                sel = np.nonzero(units.table == t)[0]
+                units.rank[sel] = r[units.index[sel]]
+    return a, rank_loads(space, perf, a)
+
+
+def _best(candidates, trial, current):
+    best, best_score = None, current
+    for changes in candidates:
+        sc = trial(changes)
+        if sc < best_score:
+            best, best_score = changes, sc
+    return best
+
+
+def _moved(a: Assignment, units: _Units, u: int, dest: int) -> Tuple[int, int, np.ndarray]:
+    t = int(units.table[u])
+    r = a.ranks[t].copy()
+    r[units.index[u]] = dest
+    return t, int(a.option[t]), r
+
+
+def _swapped(a: Assignment, units: _Units, u: int, v: int) -> Tuple[int, int, np.ndarray]:
+    t = int(units.table[u])
+    r = a.ranks[t].copy()
+    r[units.index[u]], r[units.index[v]] = r[units.index[v]], r[units.index[u]]
+    return t, int(a.option[t]), r
+
+
+def _gather(space, a, kind, best_single, loads, free, perf) -> Optional[Tuple[int, int, np.ndarray]]:
+    """The spread table (row-wise / data-parallel) whose move onto one rank lowers the peak most."""
+    W = space.world_size
+    opts = a.option
+    gather = np.nonzero((kind[opts] == UNIFORM) & (space.opt_count[opts] == W) & (best_single >= 0))[0]
+    if not len(gather) or W == 1:
+        return None
+    idx = space.opt_start[opts[gather]][:, None] + np.arange(W)[None, :]
+    up, um = perf[idx], space.shard_mem[idx]
+    sp = space.opt_start[best_single[gather]]
+    base = loads[None, :] - up
+    fits = (free[None, :, :] + um >= space.shard_mem[sp][:, None, :]).all(2)
+    dest = np.argmin(np.where(fits, base, np.inf), axis=1)
+    rows = np.arange(len(gather))
+    ok = fits[rows, dest]
+    new = base.copy()
+    new[rows, dest] += perf[sp]
+    peaks = np.where(ok, new.max(1), np.inf)
+    k = int(np.argmin(peaks))
+    if not np.isfinite(peaks[k]):
+        return None
+    return int(gather[k]), int(best_single[gather[k]]), np.array([int(dest[k])])
+
+
+def _reinsertions(space, cands, a, st: RankState, top: int) -> List[List[Tuple[int, int, np.ndarray]]]:
+    """For the tables with the most work on the busiest rank: their best re-placement."""
+    perf = cands.perf
+    on_top = []
+    for t, (o, r) in enumerate(zip(a.option.tolist(), a.ranks)):
+        here = perf[space.shards(o)][r == top].sum()
+        if here > 0:
+            on_top.append((-here, t))
+    out = []
+    for _, t in sorted(on_top)[:REINSERT_TABLES]:
+        o_cur, r_cur = int(a.option[t]), a.ranks[t]
+        st.remove(o_cur, r_cur)
+        rest = float(st.loads.max())
+        best = None
+        for o in cands.by_table[t].tolist():
+            placed = st.place(o)
+            if placed is not None:
+                key = (max(rest, placed[1]), float(cands.work[o]))
+                if best is None or key < best[0]:
+                    best = (key, o, placed[0])
+        st.add(o_cur, r_cur)
+        if best is not None and (best[1], best[2].tolist()) != (o_cur, r_cur.tolist()):
+            out.append([(t, best[1], best[2])])
+    return out
