@@ -199,3 +199,38 @@ def test_state_moves_to_a_replanned_plan_on_the_same_world_size(trained):
 def test_state_moves_to_a_replanned_plan_on_three_ranks(trained):
     diff, results = _check(trained, world=3)
     assert diff.received[2] > 0 and results[2][1][1].crossed(2) == diff.received[2]
+
+
+class _RunsCode:
+    """A pickle that would run `os.system` when unpickled."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo crafted > /dev/null",))
+
+
+@pytest.mark.parametrize("payload, error", [
+    (_RunsCode(), "os.system|posix.system"),
+    ({"any": "dict"}, "not DCP Metadata"),
+])
+def test_checkpoint_metadata_is_read_without_running_code(tmp_path, payload, error):
+    import pickle
+
+    from fastplan.reshard import _CountingReader
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(payload))
+    with pytest.raises(pickle.UnpicklingError, match=error):
+        _CountingReader(str(tmp_path)).read_metadata()
+
+
+def test_genuine_checkpoint_metadata_is_read(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from fastplan.reshard import _CountingReader
+
+    dcp.save({"w": torch.arange(6.0).reshape(2, 3)}, storage_writer=dcp.FileSystemWriter(str(tmp_path)),
+             no_dist=True)
+    metadata = _CountingReader(str(tmp_path)).read_metadata()
+    assert list(metadata.state_dict_metadata["w"].size) == [2, 3]
