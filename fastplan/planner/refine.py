@@ -43,17 +43,23 @@ class _Builder:
         W = space.world_size
         self.load: List[List[Tuple[int, int]]] = [[] for _ in range(W)]
         self.mem: List[List[List[Tuple[int, int]]]] = [[[] for _ in range(W)] for _ in range(3)]  # tier, rank
-        self.mem_max = np.zeros((W, 3), dtype=object)  # the most each rank's terms can add up to
+        self.mem_max = [[0, 0, 0] for _ in range(W)]  # the most each rank's terms can add up to, per tier
+        self._perf_int: Dict[int, int] = {}
+        self._mem_rows: Dict[int, List[int]] = {}
 
     def _charge(self, var: int, rank: int, shard: int, upper: int = 1) -> None:
         """`var` (0..upper) copies of `shard` on `rank`."""
-        p = int(round(float(self.perf[shard]) * self.scale))
+        p = self._perf_int.get(shard)
+        if p is None:
+            p = self._perf_int[shard] = int(round(float(self.perf[shard]) * self.scale))
+            self._mem_rows[shard] = self.s.shard_mem[shard].tolist()
         if p:
             self.load[rank].append((var, p))
-        for tier, b in enumerate(self.s.shard_mem[shard].tolist()):
+        bound = self.mem_max[rank]
+        for tier, b in enumerate(self._mem_rows[shard]):
             if b:
                 self.mem[tier][rank].append((var, b))
-                self.mem_max[rank, tier] += b * upper
+                bound[tier] += b * upper
 
     def table(self, options: Sequence[int], ranks_allowed: np.ndarray, free: np.ndarray) -> List[_Choice]:
         s, m = self.s, self.m
@@ -131,7 +137,7 @@ class _Builder:
             m.linear([v for v, _ in terms] + [z], [c for _, c in terms] + [-1], INT_MIN, -const)
             for tier in range(3):
                 terms = self.mem[tier][r]
-                if self.mem_max[r, tier] > free[r, tier]:  # only where the model could overflow the rank
+                if self.mem_max[r][tier] > free[r, tier]:  # only where the model could overflow the rank
                     m.linear([v for v, _ in terms], [c for _, c in terms], INT_MIN, int(free[r, tier]))
         m.minimize([z], [1])
         return z

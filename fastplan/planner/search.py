@@ -36,9 +36,9 @@ class SearchConfig:
 
     batch_size: int = 400  # tables per CP-SAT refinement model
     deterministic_time: float = 0.3  # CP-SAT refinement, whole plan, at most (0: skip)
-    time_per_cell: float = 2e-4  # refinement budget per table x rank, so small problems finish fast
+    time_per_cell: float = 5e-5  # refinement budget per table x rank, so small problems finish fast
     target_gap: float = 1e-4  # skip refinement once this close to the lower bound
-    max_cells: int = 2_000  # refine with CP-SAT only when tables x ranks is at most this
+    max_cells: int = 1_000  # refine with CP-SAT only when tables x ranks is at most this
     replay_budget: int = 20_000  # shard placements for replaying TorchRec's proposals (0: skip)
     exact_time: float = 5.0  # CP-SAT budget to find or rule out a plan when heuristics fail
     max_exact_vars: int = 400_000  # larger exact models are not attempted
