@@ -75,7 +75,8 @@ def table_states(plan_file, strict: bool = True) -> Dict[str, TableState]:
         boxes = [(list(m.shard_offsets), list(m.shard_sizes)) for m in ps.sharding_spec.shards] if ps.sharding_spec else []
         if not boxes:
             path, _, name = key.rpartition(".")
-            boxes = [(e.offset, e.size) for e in estimates.get(path, {}).get(name, [])]
+            e = estimates.get(path, {}).get(name)
+            boxes = list(zip(e.offsets, e.sizes)) if e is not None else []
         if not boxes:
             if not strict:
                 continue

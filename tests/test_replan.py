@@ -117,3 +117,22 @@ def test_bad_inputs_get_clear_errors():
         planner.replan(ebc(BASE), SHARDERS, _base(), max_moved_bytes=-1)
     with pytest.raises(ValueError, match="max_slowdown"):
         planner.replan(ebc(BASE), SHARDERS, _base(), max_slowdown=float("nan"))
+
+
+def test_host_bound_shardings_stay_inside_a_whole_host():
+    # 3 ranks in hosts of 2: rank 2 is in no whole host, so table-row-wise and table-column-wise
+    # shards may not go there (as TorchRec's partitioner places them).
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    tables = BASE[:12]
+    host_bound = {t.name: ParameterConstraints(sharding_types=["table_row_wise" if i % 2 else "table_column_wise"])
+                  for i, t in enumerate(tables) if i % 3 == 0}
+
+    def planner(world):
+        return FastShardingPlanner(topology=Topology(world_size=world, local_world_size=2, compute_device="cuda"),
+                                   constraints=host_bound, cache=None, debug=False)
+
+    base = planner(2).plan(ebc(tables), SHARDERS)
+    plan, _ = planner(3).replan(ebc(tables + report_tables(14)[12:]), SHARDERS, base)
+    for name in host_bound:
+        assert max(plan.plan[""][name].ranks) < 2, (name, plan.plan[""][name].ranks)

@@ -141,13 +141,14 @@ class _Columns:
                     carried, local = np.zeros((n, 2), np.int64), np.zeros((n, W, 2), np.int64)
                 for o in _undominated(space, group, perf, keep):
                     sl = space.shards(o)
-                    if n == 1:  # every rank at once
-                        m = carried[0][None, :] - local[0]
+                    if n == 1:  # every rank it may go to, at once (host kinds: ranks inside a whole host)
+                        on = np.arange(W if space.opt_placement[o] in (UNIFORM, DEVICE) else space.num_hosts * space.host_size)
+                        m = carried[0][None, :] - local[0][on]
                         w, opt = states[t].bytes(m[:, 0], m[:, 1])
-                        eye = np.eye(W, dtype=np.int64)
-                        self._add(t, o, [np.array([r]) for r in range(W)], w + opt, eye * perf[sl][0],
+                        eye = np.eye(W, dtype=np.int64)[on]
+                        self._add(t, o, [np.array([r]) for r in on], w + opt, eye * perf[sl][0],
                                   eye[:, :, None] * space.shard_mem[sl][0])
-                        seen.update((o, (r,)) for r in range(W))
+                        seen.update((o, (int(r),)) for r in on)
                         continue
                     placements = _placements(space, o)
                     if prev.stay[t] is not None and prev.stay[t][0] == o:
@@ -181,7 +182,7 @@ class _Columns:
         self.rank_of = np.array([int(r[0]) if len(r) == 1 else -1 for r in self.ranks], dtype=np.int64)
         self.sibling = np.full((len(self.option), W), -1, dtype=np.int64)
         for c in np.nonzero(self.single)[0].tolist():
-            self.sibling[c] = [self.index[(int(self.option[c]), (q,))] for q in range(W)]
+            self.sibling[c] = [self.index.get((int(self.option[c]), (q,)), -1) for q in range(W)]
 
     def _add(self, t: int, o: int, ranks: List[np.ndarray], moved, load, mem) -> None:
         k = len(ranks)
