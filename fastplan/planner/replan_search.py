@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -25,12 +25,14 @@ from fastplan.planner.search import SearchConfig, SearchResult, search
 from fastplan.planner.search_space import DEVICE, HOST_DEVICE, HOST_UNIFORM, UNIFORM, SearchSpace
 
 _EPS = 1e-9  # relative perf differences below this are float noise
+_LADDER = (0.02, 0.05, 0.1)  # slowdowns mode 2 tries after `max_slowdown`
 _TIERS = ("hbm", "ddr", "ssd")
 
 
 @dataclass
 class ReplanConfig:
-    deterministic_time: float = 0.5  # CP-SAT deterministic-time units per solve (0: skip CP-SAT)
+    deterministic_time: float = 1.0  # CP-SAT deterministic-time units per solve (0: skip CP-SAT)
+    cp_rounds: int = 4  # CP-SAT solves per polish, while each moves fewer bytes than the last
     cp_workers: int = 4  # CP-SAT subsolvers, interleaved in one thread
     cp_targets: int = 8  # single-shard destinations offered to CP-SAT per option: the least loaded ranks
     cp_tables: int = 200  # tables CP-SAT may change: those moving bytes, then the cheapest to move
@@ -490,7 +492,8 @@ def _cp_sat(p: _Placement, free: np.ndarray, cap: np.ndarray, target: float, con
     for t in range(len(p.choice)):
         cand = cols.by_table[t]
         near = ~cols.single[cand] | targets[np.maximum(cols.rank_of[cand], 0)] | (cols.moved[cand] == 0)
-        useful = cols.load[cand].max(axis=1) <= target  # a column above the target can never be chosen
+        # A column above the target, or moving more bytes than the whole current plan, can never be chosen.
+        useful = (cols.load[cand].max(axis=1) <= target) & (cols.moved[cand] < p.moved)
         chosen.append(cand[(near & useful & focus[t]) | (cand == p.choice[t])])
     if sum(len(c) for c in chosen) > config.max_cp_columns:
         return None
@@ -548,11 +551,14 @@ def _polish(p: _Placement, free: np.ndarray, cap: np.ndarray, target: float, con
     if config.deterministic_time <= 0 or p.moved == 0 or not free.any():
         return p, 0.0
     start = time.perf_counter()
-    choice = _cp_sat(p, free, cap, target, config)
-    if choice is not None:
+    for _ in range(config.cp_rounds):  # each round re-picks the tables CP-SAT may change around its last answer
+        choice = _cp_sat(p, free, cap, target, config)
+        if choice is None:
+            break
         q = _apply(p, choice)
-        if q.moved < p.moved and q.loads.max() <= target and (q.free >= 0).all():
-            p = q
+        if not (q.moved < p.moved and q.loads.max() <= target and (q.free >= 0).all()):
+            break
+        p = q
     return p, time.perf_counter() - start
 
 
@@ -610,13 +616,20 @@ def replan_search(
             free = np.ones(n, bool)
             _improve(p, max_moved_bytes, free, config.max_steps)
         cp_s = 0.0
-        if max_moved_bytes > 0:  # the fewest-bytes plan within the slowdown may also fit the budget, and be faster
-            q, _, more = _fewest_bytes(space, cols, prev, cap, target, scratch_cols, config)
+        # The fewest-bytes plans within growing slowdowns (CP-SAT on the first only): the first that
+        # fits the budget may be faster than the local search's, which stops in a local minimum.
+        for slowdown in sorted({max_slowdown, *(s for s in _LADDER if s > max_slowdown)}) if max_moved_bytes else ():
+            ceiling = scratch.makespan * (1 + slowdown)
+            if ceiling >= float(p.loads.max()):
+                break
+            q, _, more = _fewest_bytes(space, cols, prev, cap, ceiling, scratch_cols,
+                                       config if slowdown == max_slowdown else replace(config, deterministic_time=0.0))
             cp_s += more
             if q.moved <= max_moved_bytes:
                 _improve(q, max_moved_bytes, free, config.max_steps)
                 if _score(q.loads) < _score(p.loads):
                     p = q
+                break
         if p.moved:  # then the fewest bytes for that perf
             _trim(p, float(p.loads.max()), free)
             p, more = _polish(p, free, cap, float(p.loads.max()), config)
