@@ -107,6 +107,8 @@ def test_a_replan_is_cached_with_its_diff(tmp_path):
     assert table_digests(first) == table_digests(second) and again.to_dict() == diff.to_dict()
     other, _ = planner.replan(ebc(tables), SHARDERS, _base(), max_moved_bytes=0)  # another mode: another key
     assert planner.last_report.source.startswith("replanned")
+    planner.replan(ebc(tables), SHARDERS, _base(2))  # another previous plan: another key
+    assert planner.last_report.source.startswith("replanned")
 
 
 def test_bad_inputs_get_clear_errors():
