@@ -138,3 +138,32 @@ def test_host_bound_shardings_stay_inside_a_whole_host():
     plan, _ = planner(3).replan(ebc(tables + report_tables(14)[12:]), SHARDERS, base)
     for name in host_bound:
         assert max(plan.plan[""][name].ranks) < 2, (name, plan.plan[""][name].ranks)
+
+
+_CRITEO_GROWN = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("replan_bench", "benchmarks/replan.py")
+bench = importlib.util.module_from_spec(spec)
+sys.modules["replan_bench"] = bench
+spec.loader.exec_module(bench)
+from fastplan.planner.replan_search import ReplanConfig
+base, extra = bench.workloads()["criteo"]()
+scenario = next(s for s in bench.scenarios(base, extra, 8) if "grown" in s.name)
+rows = bench.run_scenario(scenario, base, ReplanConfig())
+print("rows", sum("error" not in r for r in rows))
+"""
+
+
+def test_cp_sat_never_gets_a_model_its_hint_cannot_satisfy():
+    # The Criteo-like DLRM with 10 tables grown 4x once asked CP-SAT for a target below the hint's
+    # rounded load: an infeasible model with a hint aborts OR-Tools' interleaved search (the whole
+    # process), so it runs in a child.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _CRITEO_GROWN], capture_output=True, text=True, timeout=300,
+                         cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert out.stdout.strip().splitlines()[-1] == "rows 4"

@@ -502,6 +502,7 @@ def _cp_sat(p: _Placement, free: np.ndarray, cap: np.ndarray, target: float, con
     rows: List[List[Tuple[object, int]]] = []
     load = [[] for _ in range(W)]
     mem = [[[] for _ in range(3)] for _ in range(W)]
+    hinted = [0] * W  # the current plan's load per rank in the model's units
     moved = []
     for t, cand in enumerate(chosen):
         row = []
@@ -509,7 +510,9 @@ def _cp_sat(p: _Placement, free: np.ndarray, cap: np.ndarray, target: float, con
             x = model.new_bool_var("")
             model.add_hint(x, c == p.choice[t])
             for r in np.nonzero(cols.load[c])[0].tolist():
-                load[r].append((x, int(round(cols.load[c, r] * scale))))
+                units = int(round(cols.load[c, r] * scale))
+                load[r].append((x, units))
+                hinted[r] += units if c == p.choice[t] else 0
             for r, k in zip(*np.nonzero(cols.mem[c])):
                 mem[r][k].append((x, int(cols.mem[c, r, k])))
             if cols.moved[c]:
@@ -518,7 +521,10 @@ def _cp_sat(p: _Placement, free: np.ndarray, cap: np.ndarray, target: float, con
         model.add_exactly_one(x for x, _ in row)
         rows.append(row)
     for r in range(W):
-        model.add(sum(v * x for x, v in load[r]) <= int(math.floor(target * scale)))
+        # Never below the hint's own rounded load: the model always has the hint as a solution (an
+        # infeasible model with a hint aborts OR-Tools 9.15's interleaved search); answers are
+        # checked against the exact target afterwards.
+        model.add(sum(v * x for x, v in load[r]) <= max(int(math.floor(target * scale)), hinted[r]))
         for k in range(3):
             terms = mem[r][k]
             if sum(v for _, v in terms) > cap[r, k]:
