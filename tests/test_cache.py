@@ -315,3 +315,20 @@ def test_concurrent_planners_compute_once_and_serve_what_was_computed(tmp_path):
     uncached = FastShardingPlanner(topology=Topology(world_size=4, compute_device="cuda"), cache=None, debug=False)
     expected = table_digests(uncached.plan(ebc(report_tables(300)), SHARDERS))
     assert all(v[1] == expected for _, v in results.values())
+
+
+def test_a_cache_hit_rebuilds_torchrecs_planner_state_when_it_is_read(tmp_path):
+    def planned(cache):
+        p = FastShardingPlanner(topology=Topology(world_size=4, compute_device="cuda"), cache=cache, debug=False)
+        plan = p.plan(ebc(report_tables(40)), SHARDERS)
+        options = sorted((so.name, so.sharding_type, so.compute_kernel, tuple(s.rank for s in so.shards),
+                          tuple(tuple(s.offset) for s in so.shards)) for so in p._best_plan)
+        return p, plan, options
+
+    _, plan, options = planned(PlanCache(str(tmp_path)))
+    hit, hit_plan, hit_options = planned(PlanCache(str(tmp_path)))
+    assert hit.last_report.source == "cache"
+    assert table_digests(hit_plan) == table_digests(plan) and hit_options == options
+    assert len(hit._enumerator.last_stored_search_space) > len(options)  # every option, as TorchRec's enumerator keeps
+    assert hit.hash_planner_context_inputs() == planned(None)[0].hash_planner_context_inputs()
+    assert hit._storage_reservation.last_reserved_topology is not None

@@ -145,3 +145,15 @@ def test_the_plan_does_not_depend_on_the_hash_seed_on_torchrecs_estimator_path()
         assert out.returncode == 0, out.stderr[-2000:]
         hashes.add(out.stdout.strip().splitlines()[-1])
     assert len(hashes) == 1, hashes
+
+
+def test_grid_sharding_asked_for_by_a_constraint_is_planned_as_torchrec_plans_it():
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    module = bags((256, 100_000), (16, 1000))
+    topology = Topology(world_size=16, local_world_size=8, compute_device="cuda")
+    constraints = {"t0": ParameterConstraints(sharding_types=["grid_shard"])}
+    ours = checked_plan(module, topology, constraints)
+    theirs = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False).plan(module, fuzz._sharders())
+    assert ours.plan[""]["t0"].sharding_type == "grid_shard"
+    assert str(ours) == str(theirs)

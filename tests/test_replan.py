@@ -119,6 +119,12 @@ def test_bad_inputs_get_clear_errors():
         planner.replan(ebc(BASE), SHARDERS, _base(), max_moved_bytes=-1)
     with pytest.raises(ValueError, match="max_slowdown"):
         planner.replan(ebc(BASE), SHARDERS, _base(), max_slowdown=float("nan"))
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    grid = FastShardingPlanner(topology=Topology(world_size=4, compute_device="cuda"), cache=None, debug=False,
+                               constraints={"table_3": ParameterConstraints(sharding_types=["grid_shard"])})
+    with pytest.raises(ValueError, match=r"\['table_3'\].*grid_shard"):
+        grid.replan(ebc(BASE), SHARDERS, _base())
 
 
 def test_host_bound_shardings_stay_inside_a_whole_host():

@@ -1,186 +1,236 @@
-"""Framed point-to-point messages between all ranks over TCP, driven by whoever waits (no threads).
+"""Authenticated messages between the ranks of a job over ZeroMQ; libzmq's I/O thread moves the bytes.
 
-Each frame is (tag, iteration, nbytes) + payload. Frames that arrive before they are wanted wait
-in an inbox keyed by (peer, tag, iteration); the lag rule of the caller bounds how many that can be.
-Sockets are non-blocking and every wait also drains outgoing data, so two ranks sending large
-blocks to each other never deadlock. A closed connection or a deadline names the peer at fault.
+`Mesh(store, rank, size)` binds one PULL socket per rank on 127.0.0.1 and connects one PUSH socket to
+every peer's PULL; endpoints and a per-job secret are exchanged through the job's
+torch.distributed store (the rendezvous every rank already trusts). Connections use ZeroMQ's PLAIN
+mechanism (user = rank, password = the secret), checked by pyzmq's ZAP thread, so only members of
+the job can deliver. A message is a fixed binary header (sender, tag, seq, payload size: four int64)
+and one payload of bytes; nothing is deserialised beyond that header, a header that does not check
+out is an error naming the sender, and oversized messages are refused by libzmq.
+
+    mesh.send(peer, tag, seq, payload)   # never blocks: queued, then written by the I/O thread
+                                         # (big payloads uncopied: returns a tracker)
+    mesh.recv(timeout_s) -> [Message]    # everything that arrived, waiting up to timeout_s for it
+    mesh.lost() -> {peer: reason}        # peers that went away without saying goodbye
+    mesh.close()                         # flush, say goodbye, close
+
+Payloads of 64 KiB or more are sent without a copy unless asked (`send(..., copy=True)`). A peer
+whose connection drops counts as lost only if its goodbye has not arrived within `grace_s` (its
+last messages may still be in flight when the drop is seen).
 """
 
 from __future__ import annotations
 
-import select
-import socket
+import logging
+import secrets
 import struct
 import time
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Dict, List, Optional
 
-_FRAME = struct.Struct("<qqq")  # tag, iteration, nbytes
-_CHUNK = 1 << 20
+import zmq
+import zmq.auth.thread
+from zmq.utils.monitor import parse_monitor_message
+
+_HEADER = struct.Struct("<qqqq")  # sender, tag, seq, payload bytes
+_BYE = -1  # tag of the goodbye a closing rank sends to each peer
 
 
-class PeerFailure(Exception):
+@dataclass
+class Message:
+    peer: int
+    tag: int
+    seq: int
+    payload: memoryview  # read-only; stays valid while the Message is referenced
+
+
+class MeshError(RuntimeError):
+    """A peer misbehaved or could not be reached; `peer` names it."""
+
     def __init__(self, peer: int, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(f"peer rank {peer}: {reason}")
         self.peer = peer
 
 
-class PeerTimeout(Exception):
-    def __init__(self, peers: List[int]) -> None:
-        super().__init__(f"peers {peers} timed out")
-        self.peers = peers
+class Mesh:
+    """One PULL socket in, one PUSH socket out per peer; endpoints and the job secret come from `store`."""
 
+    def __init__(
+        self,
+        store,
+        rank: int,
+        size: int,
+        timeout_s: float = 60.0,
+        host: str = "127.0.0.1",
+        max_message_bytes: int = 1 << 31,
+        grace_s: float = 1.0,
+    ) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} is not in [0, {size})")
+        self.rank, self.size, self.grace_s = rank, size, grace_s
+        self.peers = [p for p in range(size) if p != rank]
+        self._ctx = zmq.Context(io_threads=1)
+        secret = _job_secret(store, rank, timeout_s)
+        auth_log = logging.getLogger("fastplan.transport.auth")
+        auth_log.setLevel(logging.INFO)  # pyzmq's debug lines would print the secret
+        self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx, log=auth_log)
+        self._auth.start()
+        self._auth.configure_plain(domain="*", passwords={f"rank{p}": secret for p in range(size)})
 
-class SocketMesh:
-    """One TCP connection per peer pair; addresses exchanged through the process group's store."""
+        self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.setsockopt(zmq.PLAIN_SERVER, 1)
+        self._inbox.setsockopt(zmq.RCVHWM, 0)  # the caller's protocol bounds what is in flight
+        self._inbox.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._inbox.setsockopt(zmq.LINGER, 0)
+        port = self._inbox.bind_to_random_port(f"tcp://{host}")
+        store.set(f"mesh/{rank}", f"tcp://{host}:{port}")
 
-    def __init__(self, store, rank: int, size: int, timeout_s: float, host: str = "127.0.0.1") -> None:
-        self.rank = rank
-        self.size = size
-        self.socks: Dict[int, socket.socket] = {}
-        self.inbox: Dict[Tuple[int, int, int], bytearray] = {}
-        self.rbuf: Dict[int, bytearray] = {}
-        self.wbuf: Dict[int, bytearray] = {}
-        self.dead: Dict[int, str] = {}
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, 0))
-        listener.listen(size)
-        store.set(f"mesh/{rank}", f"{host}:{listener.getsockname()[1]}")
-        deadline = time.monotonic() + timeout_s
-        for peer in range(rank + 1, size):  # connect to higher ranks, accept from lower ones
-            store.wait([f"mesh/{peer}"])
-            h, p = store.get(f"mesh/{peer}").decode().rsplit(":", 1)
-            s = socket.create_connection((h, int(p)), timeout=max(1.0, deadline - time.monotonic()))
-            s.sendall(struct.pack("<q", rank))
-            self._adopt(peer, s)
-        listener.settimeout(max(1.0, deadline - time.monotonic()))
-        for _ in range(rank):
-            s, _ = listener.accept()
-            s.settimeout(timeout_s)
-            (peer,) = struct.unpack("<q", _read_exact(s, 8))
-            self._adopt(peer, s)
-        listener.close()
+        self._outs: Dict[int, zmq.Socket] = {}
+        self._monitors: Dict[zmq.Socket, int] = {}
+        self._poller = zmq.Poller()
+        self._poller.register(self._inbox, zmq.POLLIN)
+        for p in self.peers:
+            endpoint = _store_get(store, f"mesh/{p}", timeout_s, f"rank {rank} waited for peer rank {p}'s endpoint")
+            d = self._ctx.socket(zmq.PUSH)
+            d.setsockopt(zmq.PLAIN_USERNAME, f"rank{rank}".encode())
+            d.setsockopt(zmq.PLAIN_PASSWORD, secret.encode())
+            d.setsockopt(zmq.SNDHWM, 0)
+            mon = d.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            d.connect(endpoint)
+            self._outs[p] = d
+            self._monitors[mon] = p
+            self._poller.register(mon, zmq.POLLIN)
+        self._dropped: Dict[int, tuple] = {}  # peer -> (monotonic time, reason)
+        self._said_bye: set = set()
+        self._error: Optional[MeshError] = None
 
-    def _adopt(self, peer: int, s: socket.socket) -> None:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.setblocking(False)
-        self.socks[peer] = s
-        self.rbuf[peer] = bytearray()
-        self.wbuf[peer] = bytearray()
+    def send(self, peer: int, tag: int, seq: int, payload=b"", copy: bool = False) -> Optional[zmq.MessageTracker]:
+        """Queue one message for `peer`; never blocks. Unless `copy`, a payload of `zmq.COPY_THRESHOLD`
+        (64 KiB) or more is not copied: the returned tracker's `done` turns True once ZeroMQ no longer
+        reads it (the caller must neither modify nor free the payload before)."""
+        nbytes = memoryview(payload).nbytes
+        track = not copy and nbytes >= zmq.COPY_THRESHOLD
+        out = self._outs[peer]
+        out.send(_HEADER.pack(self.rank, tag, seq, nbytes), zmq.SNDMORE)
+        tracker = out.send(payload, copy=not track, track=track)
+        return tracker if track else None
 
-    # ---- sending -----------------------------------------------------------------------------
-    def send(self, peer: int, tag: int, iteration: int, payload) -> None:
-        if peer in self.dead:
-            raise PeerFailure(peer, self.dead[peer])
-        header = _FRAME.pack(tag, iteration, len(payload))
-        buf = self.wbuf[peer]
-        if not buf:  # common case: hand both pieces to the kernel without joining them first
-            try:
-                sent = self.socks[peer].sendmsg([header, payload])
-            except BlockingIOError:
-                sent = 0
-            except OSError as e:
-                self._fail(peer, f"connection lost while sending ({e})")
-                return
-            total = len(header) + len(payload)
-            if sent == total:
-                return
-            rest = (header + bytes(payload))[sent:]
-            buf += rest
+    def recv(self, timeout_s: float) -> List[Message]:
+        """Every message that has arrived, waiting up to `timeout_s` for the first one. A malformed
+        message raises `MeshError` naming its sender (after the good ones before it were returned);
+        it is consumed, so calling `recv` again carries on."""
+        out: List[Message] = []
+        self._drain(out)
+        if out or timeout_s <= 0:
+            return out
+        for sock, _ in self._poller.poll(max(0, int(timeout_s * 1000))):
+            if sock in self._monitors:
+                self._note_event(sock)
+        self._drain(out)
+        return out
+
+    def lost(self) -> Dict[int, str]:
+        """Peers whose connection dropped more than `grace_s` ago without a goodbye, with the reason."""
+        now = time.monotonic()
+        return {
+            p: reason for p, (since, reason) in self._dropped.items()
+            if p not in self._said_bye and now - since > self.grace_s
+        }
+
+    def close(self, linger_s: float = 1.0) -> None:
+        """Say goodbye to every peer still open, give queued messages up to `linger_s` to go out, close."""
+        if self._ctx.closed:
             return
-        buf += header
-        buf += payload
-        self._write(peer)
+        try:
+            self._drain([])  # goodbyes that already arrived: those peers are gone, nothing more reaches them
+        except MeshError:
+            pass  # closing anyway: a malformed message left unread no longer matters
+        for p, d in self._outs.items():
+            if p not in self._said_bye:
+                d.send_multipart([_HEADER.pack(self.rank, _BYE, 0, 0), b""])
+            d.setsockopt(zmq.LINGER, int(linger_s * 1000))
+        for d in self._outs.values():
+            d.disable_monitor()  # before closing the monitor socket: it writes a last event there
+        for mon in self._monitors:
+            mon.close(0)
+        for d in self._outs.values():
+            d.close()
+        self._inbox.close(0)
+        self._auth.stop()
+        self._ctx.term()  # returns once the outgoing sockets have flushed (or their linger ran out)
 
-    def _write(self, peer: int) -> None:
-        buf = self.wbuf[peer]
-        while buf:
-            try:
-                n = self.socks[peer].send(buf[:_CHUNK])
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self._fail(peer, f"connection lost while sending ({e})")
-                return
-            del buf[:n]
+    def _drain(self, out: List[Message]) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        try:
+            self._read(out)
+        except MeshError as e:
+            if not out:
+                raise
+            self._error = e  # raised on the next call: first hand over what arrived before it
 
-    def pending_sends(self) -> List[int]:
-        return [p for p, b in self.wbuf.items() if b and p not in self.dead]
-
-    # ---- receiving ---------------------------------------------------------------------------
-    def has(self, peer: int, tag: int, iteration: int) -> bool:
-        return (peer, tag, iteration) in self.inbox
-
-    def recv(self, peer: int, tag: int, iteration: int, deadline: float) -> bytearray:
-        """Block (progressing every socket) until the frame arrives; raise naming the peer otherwise."""
-        key = (peer, tag, iteration)
-        if key not in self.inbox and peer not in self.dead:
-            self._read(peer)  # usually already in the kernel buffer: skip select
-        while True:
-            data = self.inbox.pop(key, None)
-            if data is not None:
-                return data
-            if peer in self.dead:
-                raise PeerFailure(peer, self.dead[peer])
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PeerTimeout([peer])
-            self.progress(min(left, 0.5))
-
-    def progress(self, timeout: float) -> None:
-        """Move bytes: read whatever arrived, write whatever is queued, waiting up to `timeout`."""
-        live = {p: s for p, s in self.socks.items() if p not in self.dead}
-        if not live:
-            return
-        writers = [live[p] for p in self.pending_sends() if p in live]
-        readable, writable, _ = select.select(list(live.values()), writers, [], timeout)
-        by_sock = {s: p for p, s in live.items()}
-        for s in writable:
-            self._write(by_sock[s])
-        for s in readable:
-            self._read(by_sock[s])
-
-    def _read(self, peer: int) -> None:
-        s = self.socks[peer]
-        buf = self.rbuf[peer]
+    def _read(self, out: List[Message]) -> None:
+        inbox = self._inbox
         while True:
             try:
-                chunk = s.recv(_CHUNK)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                self._fail(peer, f"connection lost ({e})")
+                frame = inbox.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
                 return
-            if not chunk:
-                self._fail(peer, "connection closed by peer (process exited?)")
-                break
-            buf += chunk
-            if len(chunk) < _CHUNK:
-                break
-        while len(buf) >= _FRAME.size:
-            tag, iteration, nbytes = _FRAME.unpack_from(buf)
-            end = _FRAME.size + nbytes
-            if len(buf) < end:
-                break
-            self.inbox[(peer, tag, iteration)] = buf[_FRAME.size : end]
-            del buf[:end]
+            # The sender's rank as authenticated by the ZAP handler, whatever its header claims.
+            user = frame.get("User-Id")
+            sender = int(user[4:]) if user.startswith("rank") and user[4:].isdigit() else -1
+            header = frame.bytes
+            if sender not in self._outs:
+                self._discard_rest()
+                raise MeshError(sender, f"message from {user}, not a peer of rank {self.rank}")
+            if len(header) != _HEADER.size or not frame.more:
+                self._discard_rest()
+                raise MeshError(sender, f"malformed message ({len(header)}-byte header) from {user} on rank {self.rank}")
+            peer, tag, seq, nbytes = _HEADER.unpack(header)
+            if peer != sender:
+                self._discard_rest()
+                raise MeshError(sender, f"{user} sent a message claiming to come from rank {peer}")
+            # Small payloads as bytes (cheaper than a frame), big ones without a copy.
+            payload = inbox.recv(copy=nbytes < zmq.COPY_THRESHOLD)
+            view = memoryview(payload if isinstance(payload, bytes) else payload.buffer)
+            if view.nbytes != nbytes or inbox.get(zmq.RCVMORE):
+                self._discard_rest()
+                raise MeshError(peer, f"rank {peer} announced {nbytes} bytes for message {seq} of tag {tag}, sent {view.nbytes}")
+            if tag == _BYE:
+                self._said_bye.add(peer)
+                continue
+            out.append(Message(peer, tag, seq, view))
 
-    def _fail(self, peer: int, reason: str) -> None:
-        self.dead.setdefault(peer, reason)
+    def _discard_rest(self) -> None:
+        """Read the remaining parts of a bad message so the next one starts clean."""
+        while self._inbox.get(zmq.RCVMORE):
+            self._inbox.recv()
 
-    def close(self) -> None:
-        for s in self.socks.values():
+    def _note_event(self, mon: zmq.Socket) -> None:
+        peer = self._monitors[mon]
+        while True:
             try:
-                s.close()
-            except OSError:
-                pass
+                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                reason = "refused our credentials (not a member of this job?)"
+            else:
+                reason = "connection closed (process exited?)"
+            self._dropped.setdefault(peer, (time.monotonic(), reason))
 
 
-def _read_exact(s: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("peer closed during handshake")
-        out += chunk
-    return out
+def _job_secret(store, rank: int, timeout_s: float) -> str:
+    if rank == 0:
+        store.set("mesh/secret", secrets.token_hex(16))
+    return _store_get(store, "mesh/secret", timeout_s, f"rank {rank} waited for rank 0's job secret").decode()
+
+
+def _store_get(store, key: str, timeout_s: float, what: str) -> bytes:
+    try:
+        store.wait([key], timedelta(seconds=timeout_s))
+    except Exception as e:  # the store raises a bare RuntimeError/DistStoreError on timeout
+        raise TimeoutError(f"{what} ({key!r}) for {timeout_s:.0f} s: {e}") from None
+    return store.get(key)

@@ -81,6 +81,10 @@ def replan(
         )
     if not isinstance(planner._enumerator, FastEnumerator):
         raise ValueError("replan needs fastplan's FastEnumerator (a custom enumerator was given)")
+    grid = sorted(n for n, c in (planner._constraints or {}).items() if c.sharding_types and "grid_shard" in c.sharding_types)
+    if grid:
+        raise ValueError(f"replan: constraints of {grid} ask for grid_shard, which fastplan does not model "
+                         "(plan() hands those to TorchRec's search, which cannot count moved bytes)")
     _check_previous(previous)
     config = config or ReplanConfig()
     check_constraint_values(planner._constraints)

@@ -2,126 +2,123 @@
 
 Semantics (see shared/reference/bls.md): every call site is a channel, call i of a channel is
 iteration i. `post(i)` sends this rank's blocks tagged (channel, i) and returns a handle once every
-peer's block of iteration i - L has arrived; the handle's `wait()` returns exactly what
-`all_to_all_single` returns. A rank receives iteration i of a peer only after posting i itself,
-and a peer can be at most L iterations ahead, so at most L + 1 iterations are buffered per peer.
-Blocks travel as (channel, iteration, size)-framed messages over `transport.SocketMesh`; a size
-that does not match the split sizes is an error naming the peer, not an abort. Lag 0 is the inner
-gloo group's `all_to_all_single`.
+peer's block of iteration i - L has arrived; `wait()` returns exactly what `all_to_all_single`
+returns, `ready()` says without blocking whether it would. So a rank sends i only after every peer
+sent i - L - 1 (post(i - 1) returned), "post(i) returned" implies every rank posted >= i - L, at
+most L + 1 iterations are in flight per channel, and a peer's block can arrive at most L + 1
+iterations ahead of this rank's posts (further ahead is a protocol error naming the peer). Lag 0
+is the synchronous all-to-all (served by the inner gloo group's `all_to_all_single`); every other
+collective goes to that gloo group too. Inside `batch(b)` (the pipeline) `post` returns as soon as
+it sent: the pipeline enforces the bound itself, by starting a stage only when it may.
+
+Blocks travel over `fastplan.comm.transport.Mesh` (ZeroMQ): libzmq's I/O thread moves bytes while
+Python computes; an arriving block is copied straight into the output tensor of its post, or held
+(at most L + 1 iterations per peer and channel) until this rank posts that iteration.
+
+GPU plan (written, not run: no GPU was available). With NCCL the same protocol maps onto
+`ProcessGroupNCCL` point-to-point calls on a side stream: `post(i)` issues `batch_isend_irecv`
+(one `isend` of each peer's block, one `irecv` into each peer's slice of the output) on a dedicated
+communication stream after an event recorded on the compute stream (inputs ready), and records an
+arrival event on the communication stream; `ready()` / `arrived()` are `event.query()`, `wait()` makes the
+consumer's stream wait on that event (no host sync). Block sizes are known on both sides from the
+split sizes, so no header is needed; the lag rule becomes "before issuing iteration i, the host
+waits on iteration i - L - 1's arrival event" (host-side `event.synchronize()` only when the bound
+is hit). Tags become NCCL p2p groups per channel (or one group with calls ordered per channel), since
+NCCL matches point-to-point calls by order. Buffers: L + 1 receive buffers per channel, reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import zmq
 
-from fastplan.comm.transport import PeerFailure, PeerTimeout, SocketMesh
+from fastplan.comm.transport import Mesh, MeshError, Message
 
 
 class BLSError(RuntimeError):
-    """A peer failed or did not deliver in time; the message names the rank and the iteration."""
+    """A peer failed, misbehaved or did not deliver in time; the message names the rank and the iteration."""
 
 
 class BLSTimeoutError(BLSError, TimeoutError):
     pass
 
 
-@dataclass
-class LagStats:
-    """Instrumentation, to check the bound holds: the largest lag seen, and how far ahead peers delivered."""
-
-    max_lag: int = 0  # max over posts of (iteration - oldest iteration received from a peer)
-    max_ahead: int = 0  # max iterations a peer had delivered beyond this rank's last post
-    posts: int = 0
-
-
 class _Channel:
-    """One call site: what each peer still owes this rank, and what has arrived."""
+    """One call site: which iterations this rank posted, what each peer still owes for them."""
 
-    def __init__(self, group: "BLSProcessGroup", tag: int, name: str) -> None:
-        self.group = group
-        self.tag = tag
+    def __init__(self, name: str, tag: int) -> None:
         self.name = name
-        self.lock = threading.RLock()
-        self.posted = -1  # last iteration posted locally
-        self.arrived: Dict[int, int] = {p: -1 for p in group.peers}  # peer -> last iteration received
-        self.pending: Dict[int, List] = {p: [] for p in group.peers}  # peer -> [(iteration, out view)]
-        self.stats = LagStats()
+        self.tag = tag
+        self.posted = -1  # last iteration posted here
+        self.slots: Dict[Tuple[int, int], np.ndarray] = {}  # (peer, iteration) -> destination bytes
+        self.owed: Dict[int, int] = {}  # iteration -> blocks not yet arrived
+        self.early: Dict[Tuple[int, int], Message] = {}  # blocks that arrived before this rank posted
+        self.posts = 0
+        self.max_ahead = 0  # most iterations a peer's block arrived beyond this rank's last post
 
-    def wait_for(self, iteration: int, deadline: float) -> None:
-        """Receive, in order, until every peer's block of `iteration` arrived; raise naming the peer."""
-        mesh = self.group._mesh
-        me = self.group.rank()
-        with self.lock:
-            for peer in self.group.peers:
-                while self.arrived[peer] < iteration:
-                    it, out = self.pending[peer][0]
-                    try:
-                        data = mesh.recv(peer, self.tag, it, deadline)
-                    except PeerTimeout:
-                        raise BLSTimeoutError(
-                            f"rank {me}: peer rank {peer} did not deliver iteration {it} of channel {self.name} "
-                            f"within {self.group.timeout_s:.1f} s"
-                        ) from None
-                    except PeerFailure as e:
-                        raise BLSError(
-                            f"rank {me}: peer rank {peer} failed before delivering iteration {it} of channel "
-                            f"{self.name}: {e}"
-                        ) from None
-                    is_bytes = isinstance(out, np.ndarray)
-                    nbytes = out.nbytes if is_bytes else out.numel() * out.element_size()
-                    if len(data) != nbytes:
-                        raise BLSError(
-                            f"rank {me}: peer rank {peer} sent {len(data)} bytes for iteration {it} of channel "
-                            f"{self.name}, expected {nbytes} (do the ranks agree on the split sizes?)"
-                        )
-                    if nbytes and is_bytes:
-                        out[:] = np.frombuffer(data, dtype=np.uint8)
-                    elif nbytes:
-                        out.copy_(torch.frombuffer(data, dtype=out.dtype).view(out.shape))
-                    self.pending[peer].pop(0)
-                    self.arrived[peer] = it
+    def arrived(self, iteration: int) -> bool:
+        return iteration <= self.posted and iteration not in self.owed
 
     def missing(self, iteration: int) -> List[int]:
-        """Peers whose block of `iteration` is neither consumed nor already received."""
-        with self.lock:
-            self.group._mesh.progress(0)
-            return [
-                p for p in self.group.peers
-                if self.arrived[p] < iteration and not self.group._mesh.has(p, self.tag, iteration)
-            ]
+        return sorted(p for (p, it) in self.slots if it == iteration) if iteration <= self.posted else []
 
 
 class BLSWork(dist.Work):
-    """Handle of one posted iteration; `wait()` returns once every peer's block arrived."""
+    """Handle of one posted iteration of one channel."""
 
-    def __init__(self, channel: _Channel, iteration: int, output: torch.Tensor) -> None:
+    def __init__(self, group: "BLSProcessGroup", channel: _Channel, iteration: int, output: torch.Tensor, sends) -> None:
         super().__init__()
+        self.group = group
         self.channel = channel
         self.iteration = iteration
         self.output = output
+        self.sends = sends  # (peer, tracker) of blocks sent without a copy
 
-    def wait(self, timeout: timedelta = None) -> bool:  # type: ignore[override]
-        limit = timeout.total_seconds() if timeout else self.channel.group.timeout_s
-        self.channel.wait_for(self.iteration, time.monotonic() + limit)
+    def arrived(self) -> bool:
+        """Whether every peer's block is among what this rank already took in (no I/O)."""
+        return self.channel.arrived(self.iteration)
+
+    def ready(self) -> bool:
+        """Whether every peer's block arrived, i.e. the output is complete (never blocks)."""
+        if not self.channel.arrived(self.iteration):
+            self.group.progress(0)
+        return self.channel.arrived(self.iteration)
+
+    def wait(self, timeout: Optional[timedelta] = None) -> bool:  # type: ignore[override]
+        """Return once the output is complete and ZeroMQ no longer reads the input (it may be reused)."""
+        # torch passes timedelta(0) for "no timeout given": the group's timeout applies then.
+        limit = timeout.total_seconds() if timeout else self.group.timeout_s
+        deadline = time.monotonic() + limit
+        self.group._wait_arrived(self.channel, self.iteration, limit)
+        for peer, tracker in self.sends:
+            try:
+                tracker.wait(max(0.0, deadline - time.monotonic()))
+            except zmq.NotDone:
+                raise BLSTimeoutError(
+                    f"rank {self.group.rank()}: iteration {self.iteration} of channel {self.channel.name} still being "
+                    f"sent to peer rank {peer} after {limit:.1f} s"
+                ) from None
+        self.sends = []
         return True
 
     def is_completed(self) -> bool:
-        return not self.missing()
+        return self.ready()
 
     def missing(self) -> List[int]:
         """Peers whose block of this iteration has not arrived yet."""
+        self.group.progress(0)
         return self.channel.missing(self.iteration)
 
     def result(self) -> List[torch.Tensor]:
@@ -142,14 +139,18 @@ class BLSProcessGroup(dist.ProcessGroup):
         self.peers = [p for p in range(size) if p != rank]
         self._rank, self._size = rank, size
         self._inner = dist.ProcessGroupGloo(dist.PrefixStore("bls-inner/", store), rank, size, timeout)
-        self._mesh = SocketMesh(dist.PrefixStore("bls-mesh/", store), rank, size, self.timeout_s)
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._inner)
         self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+        self._mesh = Mesh(dist.PrefixStore("bls-mesh/", store), rank, size, self.timeout_s) if lag else None
         self._channels: Dict[str, _Channel] = {}
-        self._lock = threading.Lock()
+        self._by_tag: Dict[int, _Channel] = {}
+        self._unclaimed: Dict[int, List[Message]] = {}  # blocks of channels this rank has not used yet
+        self._lock = threading.RLock()
         self._batch = threading.local()
         self._occurrences: Dict[int, Dict[str, int]] = {}
+        self._works: Dict[int, List[BLSWork]] = {}  # batch -> works posted under `batch(b)`, not yet taken
 
+    # ---- batch tagging (used by BLSInferencePipeline) --------------------------------------------
     @contextmanager
     def batch(self, batch_id: int) -> Iterator[None]:
         """Calls made inside belong to batch `batch_id`: the k-th call from a call site within a batch
@@ -162,9 +163,14 @@ class BLSProcessGroup(dist.ProcessGroup):
         finally:
             self._batch.id = previous
 
+    def take_works(self, batch_id: int) -> List[BLSWork]:
+        """The works posted for `batch_id` since the last call (a pipeline stage's all-to-alls)."""
+        return self._works.pop(batch_id, [])
+
     def end_batch(self, batch_id: int) -> None:
         """Forget the per-site call counts of a finished batch."""
         self._occurrences.pop(batch_id, None)
+        self._works.pop(batch_id, None)
 
     def _channel_name(self) -> str:
         site = _call_site()
@@ -176,17 +182,21 @@ class BLSProcessGroup(dist.ProcessGroup):
         seen[site] = k + 1
         return f"{site}#{k}"
 
+    def _channel(self, name: str) -> _Channel:
+        ch = self._channels.get(name)
+        if ch is None:
+            tag = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=7).digest(), "little")
+            if tag in self._by_tag:
+                raise BLSError(f"rank {self._rank}: channels {name!r} and {self._by_tag[tag].name!r} share a tag")
+            ch = self._channels[name] = self._by_tag[tag] = _Channel(name, tag)
+            for msg in self._unclaimed.pop(tag, []):
+                self._deliver(ch, msg)
+        return ch
+
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return "bls"
 
-    def _channel(self, name: str) -> _Channel:
-        with self._lock:
-            ch = self._channels.get(name)
-            if ch is None:
-                ch = _Channel(self, tag=1000 + len(self._channels), name=name)
-                self._channels[name] = ch
-            return ch
-
+    # ---- the collective --------------------------------------------------------------------------
     def post(
         self,
         output: torch.Tensor,
@@ -195,67 +205,138 @@ class BLSProcessGroup(dist.ProcessGroup):
         input_split_sizes: Optional[Sequence[int]] = None,
         channel: Optional[str] = None,
     ) -> BLSWork:
-        """Send this rank's blocks of the channel's next iteration and return its handle."""
-        ch = self._channel(channel or self._channel_name())
-        size = self._size
+        """Send this rank's blocks of the channel's next iteration i and return its handle once every
+        peer's block of i - lag arrived (inside `batch(b)`: right after sending)."""
+        size, me = self._size, self._rank
         out_splits = list(output_split_sizes) if output_split_sizes else [output.size(0) // size] * size
         in_splits = list(input_split_sizes) if input_split_sizes else [input.size(0) // size] * size
-        out_offsets = list(itertools.accumulate(out_splits, initial=0))
-        in_offsets = list(itertools.accumulate(in_splits, initial=0))
-        me = self._rank
-        # Bytes as numpy views (no per-block tensor ops); shared memory with `output`.
-        src = input.contiguous().view(-1).view(torch.uint8).cpu().numpy()
-        dst = _byte_view(output)
-        in_row = input.element_size() * math.prod(input.shape[1:])
+        if len(out_splits) != size or len(in_splits) != size:
+            raise ValueError(f"rank {me}: split sizes must have {size} entries, got {len(out_splits)} and {len(in_splits)}")
         out_row = output.element_size() * math.prod(output.shape[1:])
-        with ch.lock:
+        in_row = input.element_size() * math.prod(input.shape[1:])
+        out_off = [o * out_row for o in itertools.accumulate(out_splits, initial=0)]
+        in_off = [o * in_row for o in itertools.accumulate(in_splits, initial=0)]
+        src = input.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        dst = _byte_view(output)
+        if dst is None:
+            raise ValueError(f"rank {me}: the bls backend needs a contiguous CPU output tensor without grad")
+        with self._lock:
+            ch = self._channel(channel or self._channel_name())
             iteration = ch.posted + 1
-            # Lag rule, checked before sending so that "posted i" implies every peer posted >= i - L.
-            ch.wait_for(iteration - self.lag, time.monotonic() + self.timeout_s)
+            # The bound; a no-op when the previous post (or, in a batch, the pipeline) already waited for it.
+            self._wait_arrived(ch, iteration - self.lag - 1, self.timeout_s)
             ch.posted = iteration
+            if self.peers:
+                ch.owed[iteration] = len(self.peers)
             for p in self.peers:
-                if dst is not None:
-                    target = dst[out_offsets[p] * out_row : out_offsets[p + 1] * out_row]
-                else:
-                    target = output.narrow(0, out_offsets[p], out_splits[p])
-                ch.pending[p].append((iteration, target))
-        for p in self.peers:
-            try:
-                self._mesh.send(p, ch.tag, iteration, memoryview(src[in_offsets[p] * in_row : in_offsets[p + 1] * in_row]))
-            except PeerFailure as e:
-                raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from None
-        output.narrow(0, out_offsets[me], out_splits[me]).copy_(input.narrow(0, in_offsets[me], in_splits[me]))
-        with ch.lock:
-            oldest = min(ch.arrived.values()) if ch.arrived else iteration
-            ch.stats.posts += 1
-            ch.stats.max_lag = max(ch.stats.max_lag, iteration - oldest)
-            ahead = [it - iteration for (_, t, it) in self._mesh.inbox if t == ch.tag]
-            ch.stats.max_ahead = max(ch.stats.max_ahead, max(ahead, default=0))
-        return BLSWork(ch, iteration, output)
+                ch.slots[(p, iteration)] = dst[out_off[p] : out_off[p + 1]]
+                early = ch.early.pop((p, iteration), None)
+                if early is not None:
+                    self._place(ch, early)
+            sends = []
+            for p in self.peers:
+                try:
+                    sends.append((p, self._mesh.send(p, ch.tag, iteration, memoryview(src[in_off[p] : in_off[p + 1]]))))
+                except zmq.ZMQError as e:
+                    raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from e
+            dst[out_off[me] : out_off[me + 1]] = src[in_off[me] : in_off[me + 1]]
+            ch.posts += 1
+            work = BLSWork(self, ch, iteration, output, [(p, t) for p, t in sends if t is not None])
+            batch_id = getattr(self._batch, "id", None)
+            if batch_id is None:
+                self._wait_arrived(ch, iteration - self.lag, self.timeout_s)
+            else:
+                self._works.setdefault(batch_id, []).append(work)
+            return work
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         if self.lag == 0:
             return self._inner.alltoall_base(output, input, list(output_split_sizes or []), list(input_split_sizes or []))
         return self.post(output, input, output_split_sizes, input_split_sizes)
 
-    def flush(self, timeout_s: Optional[float] = None) -> None:
-        """Push out everything this rank queued for its peers (call before tearing the group down)."""
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
-        while self._mesh.pending_sends():
-            if time.monotonic() > deadline:
-                raise BLSTimeoutError(f"rank {self.rank()}: peers {self._mesh.pending_sends()} did not take our blocks")
-            self._mesh.progress(0.1)
+    # ---- progress ---------------------------------------------------------------------------------
+    def progress(self, timeout_s: float) -> bool:
+        """Take in whatever arrived, waiting up to `timeout_s` for something; True if anything did.
+        Raises naming the peer when one that still owes blocks has gone away."""
+        with self._lock:
+            try:
+                messages = self._mesh.recv(timeout_s)
+            except MeshError as e:
+                raise BLSError(f"rank {self._rank}: {e}") from None
+            for msg in messages:
+                ch = self._by_tag.get(msg.tag)
+                if ch is None:
+                    self._unclaimed.setdefault(msg.tag, []).append(msg)
+                else:
+                    self._deliver(ch, msg)
+            if not messages and timeout_s > 0:
+                self._check_lost()
+            return bool(messages)
 
-    def lag_stats(self) -> Dict[str, LagStats]:
-        return {name: ch.stats for name, ch in self._channels.items()}
+    def _deliver(self, ch: _Channel, msg: Message) -> None:
+        ahead = msg.seq - ch.posted
+        if ahead > self.lag + 1:
+            raise BLSError(
+                f"rank {self._rank}: peer rank {msg.peer} sent iteration {msg.seq} of channel {ch.name} while this "
+                f"rank posted only up to {ch.posted}: beyond lag {self.lag} (does it run with the same lag?)"
+            )
+        ch.max_ahead = max(ch.max_ahead, ahead)
+        if (msg.peer, msg.seq) in ch.slots:
+            self._place(ch, msg)
+        else:
+            ch.early[(msg.peer, msg.seq)] = msg
+
+    def _place(self, ch: _Channel, msg: Message) -> None:
+        target = ch.slots.pop((msg.peer, msg.seq))
+        if len(msg.payload) != target.nbytes:
+            raise BLSError(
+                f"rank {self._rank}: peer rank {msg.peer} sent {len(msg.payload)} bytes for iteration {msg.seq} of "
+                f"channel {ch.name}, expected {target.nbytes} (do the ranks agree on the split sizes?)"
+            )
+        if target.nbytes:
+            target[:] = np.frombuffer(msg.payload, dtype=np.uint8)
+        left = ch.owed[msg.seq] - 1
+        if left:
+            ch.owed[msg.seq] = left
+        else:
+            del ch.owed[msg.seq]
+
+    def _check_lost(self) -> None:
+        lost = self._mesh.lost()
+        for ch in self._channels.values():
+            for (p, it) in ch.slots:
+                if p in lost:
+                    raise BLSError(
+                        f"rank {self._rank}: peer rank {p} failed before delivering iteration {it} of channel "
+                        f"{ch.name}: {lost[p]}"
+                    )
+
+    def _wait_arrived(self, ch: _Channel, iteration: int, limit_s: float) -> None:
+        deadline = time.monotonic() + limit_s
+        while not ch.arrived(iteration) and iteration >= 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BLSTimeoutError(
+                    f"rank {self._rank}: {_peers(ch.missing(iteration))} did not deliver iteration {iteration} of "
+                    f"channel {ch.name} within {limit_s:.1f} s"
+                )
+            self.progress(min(left, 0.25))
+
+    # ---- inspection and teardown ------------------------------------------------------------------
+    def lag_stats(self) -> Dict[str, Dict[str, int]]:
+        """Per channel: iterations posted, and the most iterations a peer's block arrived ahead of ours."""
+        return {name: {"posts": ch.posts, "max_ahead": ch.max_ahead} for name, ch in self._channels.items()}
 
     def shutdown(self) -> None:
-        """Flush, then close the connections to the peers."""
-        try:
-            self.flush()
-        finally:
+        """Say goodbye to the peers (after everything queued for them) and close the connections."""
+        if self._mesh is not None:
             self._mesh.close()
-            self._channels.clear()
+        self._channels.clear()
+        self._by_tag.clear()
+
+
+def _peers(ranks: List[int]) -> str:
+    return f"peer rank {ranks[0]}" if len(ranks) == 1 else f"peer ranks {', '.join(map(str, ranks))}"
 
 
 def _byte_view(t: torch.Tensor) -> Optional[np.ndarray]:
@@ -293,3 +374,4 @@ def new_bls_group(lag: int, timeout_s: Optional[float] = None, ranks: Optional[L
     """A BLS process group over `ranks` (default: all); a collective call on every rank of the world."""
     register_bls_backend(lag, timeout_s)
     return dist.new_group(ranks=ranks, backend="bls")
+

@@ -1,32 +1,51 @@
-"""`BLSInferencePipeline`: sharded inference with every all-to-all wait deferred by `lag` batches.
+"""`BLSInferencePipeline`: sharded inference driven by data arrival, at most `lag` batches ahead of a peer.
 
-Per step s (batch indices; L = lag), in the same order on every rank:
-input dist of batch s, splits of batch s - L, lookup + output dist of batch s - 2L, dense part of
-batch s - 3L. A fast rank keeps issuing and serving later batches while a slow peer catches up;
-with L = 0 this is exactly the stock sharded forward.
+Each batch goes through TorchRec's stages: input dist (ids out), the ids' second all-to-all
+(lengths/values), lookup + output dist (pooled embeddings back), dense part. A stage starts as soon
+as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`); stages run in
+batch order, so outputs come out in order and bit-identical to the synchronous forward. Each step
+takes, in this order: the oldest batch whose splits arrived (its ids go out); else the next batch,
+if the lag bound allows (every peer's blocks of that stage of batch b - L - 1 arrived) and fewer than
+`max_in_flight` are held; else the oldest batch whose pooled embeddings arrived (dense part) or
+whose ids arrived (lookup, embeddings go out). Communication goes first because peers wait for it.
+A rank blocks on the transport, with a deadline, only when nothing can move. With L = 0 this is
+exactly the stock sharded forward.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 Batch = Tuple[Any, KeyedJaggedTensor]  # (dense input, sparse features)
+_INPUT, _FEATURES, _POOLED = 0, 1, 2  # what a batch waits for: splits, ids, pooled embeddings
+
+
+@dataclass
+class _InFlight:
+    index: int
+    dense_in: Any
+    ctx: Any
+    stage: int  # _INPUT, _FEATURES or _POOLED
+    awaitable: Any
+    works: List[Any] = field(default_factory=list)
 
 
 class BLSInferencePipeline:
-    """Runs `dense(dense_input, sharded_ebc(features))` over batches with lagged waits.
+    """Runs `dense(dense_input, sharded_ebc(features))` over batches, eagerly, with a bounded lag.
 
     Args:
         sparse: a sharded EmbeddingBagCollection (e.g. `dmp.module.sparse`).
         dense: `dense(dense_input, keyed_tensor) -> output`, the rest of the model.
         lag: batches a rank may run ahead of the slowest peer (0: synchronous).
-        group: the BLS process group the model was sharded on, if any: stage calls are tagged with
-            their batch so that the lag counts batches.
-        before_lookup: called with the batch index right before its lookup (benchmarks inject work here).
+        group: the BLS process group the model was sharded on (needed for lag > 0).
+        max_in_flight: batches this rank holds at once (default lag + 1: enough to be `lag` ahead).
     """
 
     def __init__(
@@ -35,62 +54,107 @@ class BLSInferencePipeline:
         dense: Callable[[Any, KeyedTensor], Any],
         lag: int,
         group: Any = None,
-        before_lookup: Optional[Callable[[int], None]] = None,
+        max_in_flight: Optional[int] = None,
     ) -> None:
         if lag < 0:
             raise ValueError(f"lag must be >= 0, got {lag}")
         for stage in ("create_context", "input_dist", "compute_and_output_dist"):
             if not hasattr(sparse, stage):
                 raise TypeError(f"{type(sparse).__name__} is not a sharded module (no {stage}()); shard it first")
+        if lag and not hasattr(group, "take_works"):
+            raise TypeError(f"lag {lag} needs the BLS process group the model was sharded on, got {group!r}")
         self.sparse = sparse
         self.dense = dense
         self.lag = lag
-        self.group = group if hasattr(group, "batch") else None
-        self.before_lookup = before_lookup
-
-    def _tagged(self, b: int):
-        return self.group.batch(b) if self.group is not None else nullcontext()
+        self.group = group
+        self.max_in_flight = max_in_flight or lag + 1
 
     def run(self, batches: Iterable[Batch]) -> Iterator[Any]:
         """Yield the output of every batch, in order."""
-        L = self.lag
+        if self.lag == 0:
+            yield from self._synchronous(batches)
+            return
         source = iter(batches)
-        dense_in: Dict[int, Any] = {}
-        ctx: Dict[int, Any] = {}
-        first: Dict[int, Any] = {}  # input dist posted, splits pending
-        second: Dict[int, Any] = {}  # splits done, lengths/values pending
-        pooled: Dict[int, Any] = {}  # lookup done, output dist pending
-        n = None
-        s = 0
-        while n is None or s < n + 3 * L:
-            if n is None:
+        flight: Deque[_InFlight] = deque()
+        posted: Dict[Tuple[int, int], List[Any]] = {}  # (stage, batch) -> its works, kept for the lag rule
+        next_index, exhausted, idle_since = 0, False, None
+        while flight or not exhausted:
+            self.group.progress(0)  # take in what arrived; the checks below only look
+            # Communication first (it is cheap and peers wait for it), then the oldest batch's compute.
+            item = self._first_at(flight, _INPUT, posted)
+            if item is None and not exhausted and len(flight) < self.max_in_flight \
+                    and self._lag_allows(posted, _INPUT, next_index):
                 batch = next(source, None)
                 if batch is None:
-                    n = s
-                else:
-                    dense_in[s], features = batch
-                    ctx[s] = self.sparse.create_context()
-                    with self._tagged(s):
-                        first[s] = self.sparse.input_dist(ctx[s], features)
-            b = s - L
-            if b in first:
-                with self._tagged(b):
-                    second[b] = first.pop(b).wait()
-            b = s - 2 * L
-            if b in second:
-                with self._tagged(b):
-                    features = second.pop(b).wait()
-                    if self.before_lookup is not None:
-                        self.before_lookup(b)
-                    pooled[b] = self.sparse.compute_and_output_dist(ctx[b], features)
-            b = s - 3 * L
-            if b in pooled:
-                with self._tagged(b):
-                    kt = pooled.pop(b).wait()
-                del ctx[b]
-                if self.group is not None:
-                    self.group.end_batch(b)
-                yield self.dense(dense_in.pop(b), kt)
-            s += 1
-        if self.group is not None:
-            self.group.flush()  # our last blocks reach slower peers before anyone tears down
+                    exhausted = True
+                    continue
+                self._start(flight, posted, next_index, *batch)
+                next_index += 1
+                idle_since = None
+                continue
+            item = item or self._first_at(flight, _POOLED, posted) or self._first_at(flight, _FEATURES, posted)
+            if item is not None:
+                idle_since = None
+                output = self._step(flight, item, posted)
+                if output is not None:
+                    yield output
+                continue
+            # Nothing can move until a peer delivers: block on the transport, with a deadline.
+            now = time.monotonic()
+            idle_since = idle_since or now
+            if now - idle_since > self.group.timeout_s:
+                self._raise_stalled(flight)
+            self.group.progress(min(0.25, self.group.timeout_s))
+
+    def _first_at(self, flight: Deque[_InFlight], stage: int, posted) -> Optional[_InFlight]:
+        """The oldest batch waiting at `stage` if it can move on now (its data arrived, the lag allows)."""
+        # Stages run in batch order: every batch ahead of the first one at `stage` is past it.
+        item = next((i for i in flight if i.stage == stage), None)
+        if item is None or not all(w.arrived() for w in item.works) or not self._lag_allows(posted, stage + 1, item.index):
+            return None
+        return item
+
+    def _start(self, flight: Deque[_InFlight], posted, b: int, dense_in: Any, features: KeyedJaggedTensor) -> None:
+        ctx = self.sparse.create_context()
+        with self.group.batch(b):
+            awaitable = self.sparse.input_dist(ctx, features)
+        item = _InFlight(b, dense_in, ctx, _INPUT, awaitable, self.group.take_works(b))
+        posted[(_INPUT, b)] = item.works
+        flight.append(item)
+
+    def _step(self, flight: Deque[_InFlight], item: _InFlight, posted) -> Optional[Any]:
+        """Move `item` one stage on; returns its output when it finishes."""
+        b = item.index
+        with self.group.batch(b):
+            value = item.awaitable.wait()
+            if item.stage == _POOLED:
+                flight.popleft()
+                self.group.end_batch(b)
+                for key in [k for k in posted if k[1] <= b - self.lag - 1]:
+                    del posted[key]
+                return self.dense(item.dense_in, value)
+            if item.stage == _INPUT:
+                item.awaitable = value
+            else:
+                item.awaitable = self.sparse.compute_and_output_dist(item.ctx, value)
+        item.stage += 1
+        item.works = posted[(item.stage, b)] = self.group.take_works(b)
+        return None
+
+    def _lag_allows(self, posted, stage: int, b: int) -> bool:
+        """Sending stage `stage` of batch b needs every peer's blocks of that stage of batch b - lag - 1:
+        a rank runs at most `lag` batches ahead of the one it waits for."""
+        works = posted.get((stage, b - self.lag - 1))
+        return works is None or all(w.arrived() for w in works)
+
+    def _raise_stalled(self, flight: Deque[_InFlight]) -> None:
+        for item in flight:  # the oldest unfinished work raises, naming the peers it waits for
+            for w in item.works:
+                w.wait(timedelta(milliseconds=1))
+        raise RuntimeError(f"no progress in {self.group.timeout_s} s with batches {[i.index for i in flight]} in flight")
+
+    def _synchronous(self, batches: Iterable[Batch]) -> Iterator[Any]:
+        for dense_in, features in batches:
+            ctx = self.sparse.create_context()
+            ids = self.sparse.input_dist(ctx, features).wait().wait()
+            yield self.dense(dense_in, self.sparse.compute_and_output_dist(ctx, ids).wait())

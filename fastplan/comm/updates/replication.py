@@ -1,126 +1,183 @@
 """A trainer and its inference replicas as real processes, syncing shards while the trainer writes.
 
 `run_stream` starts one trainer and N replicas (spawned processes, rendezvous through a
-torch.distributed TCPStore on 127.0.0.1), streams Zipf-skewed sparse updates into the trainer's
-shards, lets replicas pull them peer to peer, and returns what every process saw: write and apply
-times per version, bytes, peer errors, and whether every replica ended byte-equal to the trainer.
-Replicas can be killed and restarted, or stop answering, mid-stream.
+torch.distributed TCPStore on 127.0.0.1). Once every replica is connected, the trainer writes
+training-step-like updates at an offered load (distinct rows per second, Zipf-skewed, every table
+each step); replicas pull them peer to peer. It returns what every process saw: write and apply
+times per shard version, bytes, CPU time, peak memory, peer errors, and whether every replica ended
+byte-equal to the trainer. Replicas can be killed and restarted, or stop answering, mid-stream.
 """
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import resource
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+
+from fastplan.comm.updates.sync import SyncConfig
 
 
 @dataclass
 class StreamConfig:
     replicas: int = 4
     num_tables: int = 4
-    rows: int = 2000
-    dim: int = 16
-    updates: int = 300
-    rows_per_update: int = 32
-    zipf_a: float = 1.2
-    write_interval_s: float = 0.002
-    pull_interval_s: float = 0.005
-    timeout_s: float = 1.0
-    cache_rows: int = 20_000
+    rows: int = 50_000  # per table
+    dim: int = 32
+    rows_per_s: float = 10_000  # offered load: distinct rows changed per second, all tables together
+    steps_per_s: float = 100  # the trainer writes every table once per step
+    duration_s: float = 2.0
+    zipf_a: float = 1.1
+    cache_rows: int = 1_000_000
     scheduler: Optional[str] = None  # None, "priority" or "fifo"
     bandwidth_bytes_per_s: float = 2e6
-    high_priority_every: int = 10  # every k-th update is a large, hot change (priority latency)
+    high_priority_every: int = 10  # every k-th step is a large change to hot rows (priority latency)
+    log_rows: bool = False  # replicas log every row they receive (row-level latency; costly)
     kill_replica: Optional[int] = None  # rank killed at 1/3 of the stream, restarted at 2/3
     stall_replica: Optional[int] = None  # rank that stops answering at 1/3 of the stream
-    converge_timeout_s: float = 60.0
+    converge_timeout_s: float = 30.0
     seed: int = 0
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+    @property
+    def steps(self) -> int:
+        return max(1, int(self.duration_s * self.steps_per_s))
 
 
-def initial_shards(cfg: StreamConfig) -> Dict:
-    """The shards the plan puts on rank 0 (deterministic; every process builds the same)."""
-    from torchrec.distributed.planner.types import ParameterConstraints, Topology
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
-
-    from fastplan import FastShardingPlanner
+def initial_store(cfg: StreamConfig):
+    """Every process builds the same tables (one shard each) from the seed."""
+    from fastplan.comm.updates.layout import Layout
     from fastplan.comm.updates.shard_store import ShardStore
-    from fastplan.models import ebc
 
-    tables = [EmbeddingBagConfig(name=f"t{i}", feature_names=[f"f{i}"], embedding_dim=cfg.dim, num_embeddings=cfg.rows)
-              for i in range(cfg.num_tables)]
-    constraints = {t.name: ParameterConstraints(sharding_types=["table_wise"]) for t in tables}
-    plan = FastShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints,
-                               cache=None, debug=False).plan(ebc(tables), [_sharder()])
     g = torch.Generator().manual_seed(cfg.seed)
-    init = {t.name: torch.randn(cfg.rows, cfg.dim, generator=g) for t in tables}
-    return ShardStore.from_plan(plan, 0, init=init, cache_rows=cfg.cache_rows)
+    tables = {(f"t{i}", 0): torch.randn(cfg.rows, cfg.dim, generator=g) for i in range(cfg.num_tables)}
+    return ShardStore(Layout.from_tensors(tables), tables, copy=False, cache_rows=cfg.cache_rows)
 
 
-def _sharder():
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+def step_rows(cfg: StreamConfig) -> List[List[np.ndarray]]:
+    """rows[step][table]: the first distinct rows of a Zipf stream over a fixed shuffle of the table."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    per_table = max(1, int(round(cfg.rows_per_s / cfg.steps_per_s / cfg.num_tables)))
+    if per_table > cfg.rows:
+        raise ValueError(f"{per_table} rows per table per step exceed the table's {cfg.rows} rows")
+    shuffle = rng.permutation(cfg.rows)
+    out = []
+    for _ in range(cfg.steps):
+        step = []
+        for _ in range(cfg.num_tables):
+            draws = 3 * per_table
+            while True:
+                ids, first = np.unique((rng.zipf(cfg.zipf_a, draws) - 1) % cfg.rows, return_index=True)
+                if len(ids) >= per_table:
+                    break
+                draws *= 2
+            step.append(np.sort(shuffle[ids[np.argsort(first)[:per_table]]]))
+        out.append(step)
+    return out
 
-    return EmbeddingBagCollectionSharder()
 
-
-def checksum(store) -> str:
-    h = hashlib.sha256()
-    for key in sorted(store.shards):
-        h.update(repr(key).encode())
-        h.update(store.shards[key].weights.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _kv(port: int):
+def rendezvous(port: int):
     import torch.distributed as dist
 
-    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
+    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
 
 
-def _node(rank: int, cfg: StreamConfig, kv, store, pull: bool, on_apply=None):
+def quiet() -> None:
+    """TorchRec's planner and DDP notices are not news here; peer faults still log (fastplan.ekko)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("torchrec", "torch", "fastplan.planner"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def wait_keys(kv, keys: List[str], timeout_s: float, whom: str) -> None:
+    """Wait until every key is set in the rendezvous store; on timeout name whom and which keys."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [k for k in keys if not kv.check([k])]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {whom}: {missing} never set")
+        time.sleep(0.01)
+
+
+def usage() -> Dict:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": r.ru_maxrss / 1024}
+
+
+def _node(rank: int, cfg: StreamConfig, kv, store, source: bool, on_apply=None):
     from fastplan.comm.updates.scheduler import UpdateScheduler
     from fastplan.comm.updates.sync import SyncNode
 
     scheduler = None
     if cfg.scheduler:
-        scheduler = UpdateScheduler(cfg.bandwidth_bytes_per_s, cfg.pull_interval_s, policy=cfg.scheduler)
-    return SyncNode(rank, cfg.replicas + 1, store, kv, pull_interval_s=cfg.pull_interval_s, timeout_s=cfg.timeout_s,
-                    scheduler=scheduler, on_apply=on_apply).start(pull=pull)
+        scheduler = UpdateScheduler(cfg.bandwidth_bytes_per_s, 0.01, policy=cfg.scheduler)
+    node = SyncNode(rank, cfg.replicas + 1, store, kv, source=source, config=cfg.sync, scheduler=scheduler,
+                    on_apply=on_apply)
+    return node.start(pull=not source)
 
 
 def _trainer(cfg: StreamConfig, port: int, out) -> None:
+    quiet()
     torch.set_num_threads(1)
-    kv = _kv(port)
-    store = initial_shards(cfg)
-    node = _node(0, cfg, kv, store, pull=False)
-    rng = np.random.default_rng(cfg.seed + 1)
+    kv = rendezvous(port)
+    store = initial_store(cfg)
+    if cfg.scheduler == "priority":
+        store.track_importance()
+    plan = step_rows(cfg)
+    rng = np.random.default_rng(cfg.seed + 2)
+    shifts = rng.standard_normal((cfg.steps, cfg.num_tables, cfg.dim)).astype(np.float32)
+    node = _node(0, cfg, kv, store, source=True)
+    wait_keys(kv, [f"ekko/ready/{r}" for r in range(1, cfg.replicas + 1)], 120, "replicas to start")
+    deadline = time.monotonic() + 60
+    while len(node.peers()) < cfg.replicas:  # every replica is pulling
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(1, cfg.replicas + 1)) - node.peers())
+            raise TimeoutError(f"trainer: replicas {missing} did not connect within 60 s")
+        time.sleep(0.01)
     keys = store.keys()
-    writes = []  # (key, version, time, high priority)
+    tables = store.tensors()
+    writes = []  # (step, time written, hot)
+    hot_rows = {}  # step -> rows per table (hot steps only)
+    period = 1.0 / cfg.steps_per_s
+    start = time.monotonic()
     kv.set("ekko/start", str(time.time()))
-    for i in range(cfg.updates):
-        key = keys[int(rng.integers(len(keys)))]
-        rows = np.unique((rng.zipf(cfg.zipf_a, cfg.rows_per_update) - 1) % cfg.rows)
-        hot = cfg.high_priority_every and i % cfg.high_priority_every == 0
+    usage_at_start = usage()
+    for step in range(cfg.steps):
+        delay = start + step * period - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        hot = bool(cfg.high_priority_every) and step % cfg.high_priority_every == 0
         scale = 3.0 if hot else 0.01
-        with node.lock:
-            current = store.shards[key].weights[torch.from_numpy(rows)]
-            values = current + scale * torch.randn(len(rows), cfg.dim)
-            if hot:
-                store.record_reads(key, torch.from_numpy(rows).repeat(20))
-        version = node.write(key, torch.from_numpy(rows), values)
-        writes.append((key, version, time.time(), bool(hot), rows.tolist()))
-        time.sleep(cfg.write_interval_s)
-    with node.lock:
-        final = checksum(store)
+        updates = {}
+        for t, key in enumerate(keys):
+            rows = plan[step][t]
+            if hot and cfg.scheduler == "priority":
+                store.record_reads(key, np.tile(rows, 20))
+            updates[key] = (rows, tables[key].numpy()[rows] + scale * shifts[step, t])
+        node.publish(updates)
+        writes.append((step, time.time(), hot))
+        if hot:
+            hot_rows[step] = [r.tolist() for r in plan[step]]
+    stream_usage = usage()
+    final = store.checksum()
     kv.set("ekko/final", final)
+    kv.set("ekko/final_version", str(cfg.steps))
     deadline = time.monotonic() + cfg.converge_timeout_s
-    converged = []
+    converged: List[int] = []
     while time.monotonic() < deadline:
         converged = [r for r in range(1, cfg.replicas + 1) if kv.check([f"ekko/converged/{r}"])]
         if len(converged) == cfg.replicas:
@@ -129,22 +186,33 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
     kv.set("ekko/stop", "1")
     time.sleep(0.2)
     node.stop()
-    out.put(("trainer", 0, {"writes": writes, "stats": asdict(node.stats), "checksum": final,
-                            "converged": converged, "errors": [asdict(e) for e in node.errors]}))
+    out.put(("trainer", 0, {"writes": writes, "hot_rows": hot_rows, "stats": asdict(node.stats), "checksum": final,
+                            "converged": converged, "errors": [asdict(e) for e in node.errors],
+                            "rows_written": int(sum(len(r) for s in plan for r in s)), **usage(),
+                            "stream_cpu_s": stream_usage["cpu_s"] - usage_at_start["cpu_s"]}))
 
 
 def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> None:
+    quiet()
     torch.set_num_threads(1)
-    kv = _kv(port)
-    store = initial_shards(cfg)
-    applied = []  # (key, shard version after, time, rows received, their row versions)
+    kv = rendezvous(port)
+    store = initial_store(cfg)
+    applied = []  # (shard, shard version after, time)
+    row_log = []  # (shard, time, rows, row versions) when cfg.log_rows
 
     def log(key, version, delta):
-        applied.append((key, version, time.time(), delta.rows.tolist(), delta.row_versions.tolist()))
+        now = time.time()
+        applied.append((delta.shard, version, now))
+        if cfg.log_rows and delta.n:
+            rows = np.arange(delta.n) if delta.full else delta.rows.copy()
+            row_log.append((delta.shard, now, rows, delta.row_versions.copy()))
 
-    node = _node(rank, cfg, kv, store, pull=True, on_apply=log)
-    start = float(kv.get("ekko/start").decode()) if kv.check(["ekko/start"]) else time.time()
-    stream_s = cfg.updates * cfg.write_interval_s
+    node = _node(rank, cfg, kv, store, source=False, on_apply=log)
+    kv.set(f"ekko/ready/{rank}", "1")
+    wait_keys(kv, ["ekko/start"], 120, "the trainer to start the stream")
+    start = float(kv.get("ekko/start").decode())
+    usage_at_start, stream_cpu = usage(), None
+    stream_s = cfg.steps / cfg.steps_per_s
     done = False
     while not kv.check(["ekko/stop"]):
         elapsed = time.time() - start
@@ -152,20 +220,22 @@ def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> N
             os._exit(17)  # killed mid-stream
         if rank == cfg.stall_replica and elapsed > stream_s / 3:
             node.serving = False  # alive, but stops answering its peers
+        if stream_cpu is None and kv.check(["ekko/final"]):
+            stream_cpu = usage()["cpu_s"] - usage_at_start["cpu_s"]
         if not done and kv.check(["ekko/final"]):
-            with node.lock:
-                mine = checksum(store)
-            if mine == kv.get("ekko/final").decode():
-                kv.set(f"ekko/converged/{rank}", mine)
+            final_version = int(kv.get("ekko/final_version").decode())
+            if min(store.versions().values()) >= final_version and store.checksum() == kv.get("ekko/final").decode():
+                kv.set(f"ekko/converged/{rank}", "1")
                 done = True
         time.sleep(0.01)
     node.stop()
-    out.put(("replica", rank, {"applied": applied, "stats": asdict(node.stats), "converged": done,
-                               "restarted": restarted, "errors": [asdict(e) for e in node.errors]}))
+    out.put(("replica", rank, {"applied": applied, "row_log": row_log, "stats": asdict(node.stats), "converged": done,
+                               "restarted": restarted, "errors": [asdict(e) for e in node.errors], **usage(),
+                               "stream_cpu_s": stream_cpu or 0.0}))
 
 
 def run_stream(cfg: StreamConfig) -> Dict:
-    """Run trainer + replicas to completion (bounded by `converge_timeout_s`); always reaps processes."""
+    """Run trainer + replicas to completion (bounded in time); always reaps the processes."""
     import torch.distributed as dist
 
     with socket.socket() as s:
@@ -180,23 +250,28 @@ def run_stream(cfg: StreamConfig) -> Dict:
     for p in procs.values():
         p.start()
     results: Dict = {"replicas": {}, "restarted": False}
-    stream_s = cfg.updates * cfg.write_interval_s
+    stream_s = cfg.steps / cfg.steps_per_s
     limit = time.monotonic() + stream_s * 3 + cfg.converge_timeout_s + 120
     try:
-        expected = cfg.replicas + 1
-        while len(results["replicas"]) + ("trainer" in results) < expected:
+        while len(results["replicas"]) + ("trainer" in results) < cfg.replicas + 1:
             if time.monotonic() > limit:
-                raise TimeoutError("ekko stream did not finish")
+                missing = set(procs) - set(results["replicas"]) - ({0} if "trainer" in results else set())
+                raise TimeoutError(f"ekko stream did not finish: ranks {sorted(missing)} never reported")
             k = cfg.kill_replica
             if k is not None and not results["restarted"] and not procs[k].is_alive():
+                results["killed_exitcode"] = procs[k].exitcode
                 time.sleep(stream_s / 3)  # stays dead for a third of the stream, then restarts empty-handed
                 procs[k] = ctx.Process(target=_replica, args=(k, cfg, port, out, True))
                 procs[k].start()
                 results["restarted"] = True
-                results["killed_exitcode"] = 17
             try:
                 role, rank, data = out.get(timeout=0.2)
             except queue_mod.Empty:
+                reported = set(results["replicas"]) | ({0} if "trainer" in results else set())
+                dead = [r for r, p in procs.items() if r not in reported and p.exitcode not in (None, 0)
+                        and not (r == k and not results["restarted"])]
+                if dead:
+                    raise RuntimeError(f"ekko stream failed: ranks {dead} exited with {[procs[r].exitcode for r in dead]}")
                 continue
             if role == "trainer":
                 results["trainer"] = data
@@ -213,28 +288,53 @@ def run_stream(cfg: StreamConfig) -> Dict:
 
 
 def propagation_latencies(results: Dict, high_priority: Optional[bool] = None) -> List[float]:
-    """Seconds from each trainer write until every replica held all its rows at that version or later."""
+    """Seconds from each trainer step until every replica held all of it (every table at that step's
+    version or later; with row logs, each written row at its version or later)."""
     per_replica = []
     for data in results["replicas"].values():
-        arrivals: Dict = {}  # (key, row) -> [(row version, time)] in arrival order
-        for key, _, t, rows, versions in data["applied"]:
-            for r, v in zip(rows, versions):
-                arrivals.setdefault((tuple(key), r), []).append((v, t))
-        per_replica.append(arrivals)
+        applied = np.array(data["applied"], dtype=np.float64).reshape(-1, 3)
+        per_replica.append((applied, _row_arrivals(data, results["trainer"]["hot_rows"])))
     out = []
-    for key, version, t_write, hot, rows in results["trainer"]["writes"]:
+    for step, t_write, hot in results["trainer"]["writes"]:
         if high_priority is not None and hot != high_priority:
             continue
         t_all = 0.0
-        for arrivals in per_replica:
-            for r in rows:
-                times = [t for v, t in arrivals.get((tuple(key), r), []) if v >= version]
-                if not times:
-                    t_all = None
-                    break
-                t_all = max(t_all, min(times))
-            if t_all is None:
-                break
-        if t_all is not None:
+        for applied, rows_at in per_replica:
+            t = _held_at(applied, step + 1)
+            if rows_at is not None and step in rows_at:
+                t = min(t, rows_at[step])
+            t_all = max(t_all, t)
+        if np.isfinite(t_all):
             out.append(max(0.0, t_all - t_write))
+    return out
+
+
+def _held_at(applied: np.ndarray, version: int) -> float:
+    """When every shard first reached `version` on one replica (inf if some never did)."""
+    if not len(applied):
+        return np.inf
+    t_all = 0.0
+    for shard in np.unique(applied[:, 0]):
+        a = applied[applied[:, 0] == shard]
+        reached = a[a[:, 1] >= version, 2]
+        t_all = max(t_all, reached.min() if len(reached) else np.inf)
+    return t_all
+
+
+def _row_arrivals(data: Dict, hot_rows: Dict) -> Optional[Dict[int, float]]:
+    """For each hot step: when its last row arrived on this replica at that step's version or later."""
+    if not data["row_log"]:
+        return None
+    out = {}
+    for step, tables in hot_rows.items():
+        t_all = 0.0
+        for shard, rows in enumerate(tables):
+            rows = np.asarray(rows)
+            first = np.full(len(rows), np.inf)
+            for s, t, got, versions in data["row_log"]:
+                if s == shard:
+                    hit = np.isin(rows, got[versions >= step + 1])
+                    first[hit] = np.minimum(first[hit], t)
+            t_all = max(t_all, first.max())
+        out[step] = t_all
     return out

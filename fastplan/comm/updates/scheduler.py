@@ -1,19 +1,23 @@
 """SLO-aware update scheduling: under a bandwidth budget, send the most valuable changed rows first.
 
-Priority of a changed row = model priority x (freshness + importance), where freshness is how
-recent its change is within the delta (1 for the newest version) and importance is the size of its
-last change times how often it is read, normalised within the delta. FIFO (oldest change first)
-is there for comparison.
+Priority of a changed row = model priority x (freshness + importance): freshness is how recent its
+change is among the candidates (1 for the newest), importance the size of its last change times
+how often it is read, normalised among the candidates. FIFO (oldest change first) is there for
+comparison. A reply carries at most `bytes_per_s x interval_s` of rows and the server waits
+`bytes / bytes_per_s` after sending it, so the stream never exceeds the cap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, replace
+from typing import List
 
-import torch
+import numpy as np
 
-from fastplan.comm.updates.shard_store import Delta, ShardStore
+from fastplan.comm.updates.shard_store import ShardStore
+from fastplan.comm.updates.wire import Delta
+
+ROW_OVERHEAD = 12  # row id + row version on the wire
 
 
 @dataclass
@@ -26,28 +30,40 @@ class UpdateScheduler:
     def __post_init__(self) -> None:
         if self.policy not in ("priority", "fifo"):
             raise ValueError(f"policy must be 'priority' or 'fifo', got {self.policy!r}")
+        if self.bytes_per_s <= 0:
+            raise ValueError(f"bytes_per_s must be positive, got {self.bytes_per_s}")
 
-    def budget_rows(self, delta: Delta) -> int:
-        row_bytes = 16 + delta.values[0].numel() * delta.values.element_size() if delta.rows.numel() else 1
-        return max(1, int(self.bytes_per_s * self.interval_s // row_bytes))
-
-    def priorities(self, store: ShardStore, delta: Delta) -> torch.Tensor:
-        s = store.shards[delta.key]
-        span = max(1, delta.version - delta.since)
-        freshness = (delta.row_versions - delta.since).float() / span
-        importance = s.change_norm[delta.rows] * (1 + s.reads[delta.rows])
-        importance = importance / importance.max().clamp_min(1e-12)
+    def scores(self, store: ShardStore, parts: List[Delta]) -> np.ndarray:
+        """One score per candidate row (parts concatenated); higher goes first."""
+        times = np.concatenate([store.change_times(d.shard, d.row_versions) for d in parts])
+        if self.policy == "fifo":
+            return -times
+        freshness = (times - times.min()) / max(float(times.max() - times.min()), 1e-9)
+        store.track_importance()
+        importance = np.concatenate([
+            store.shards[d.shard].change_norm[d.rows] * (1 + store.shards[d.shard].reads[d.rows]) for d in parts
+        ])
+        importance = importance / max(float(importance.max()), 1e-12)
         return self.model_priority * (freshness + importance)
 
-    def select(self, store: ShardStore, delta: Delta) -> Tuple[Delta, bool]:
-        """The part of `delta` that fits this round's budget, and whether that is all of it."""
-        k = self.budget_rows(delta)
-        if delta.rows.numel() <= k:
-            return delta, True
-        if self.policy == "fifo":
-            order = torch.argsort(delta.row_versions, stable=True)
-        else:
-            order = torch.argsort(-self.priorities(store, delta), stable=True)
-        pick = order[:k]
-        part = Delta(delta.key, delta.since, delta.version, delta.rows[pick], delta.values[pick], delta.row_versions[pick])
-        return part, False
+    def select(self, store: ShardStore, parts: List[Delta]) -> List[Delta]:
+        """The rows of `parts` that fit one reply's budget, best first; parts cut short are marked
+        incomplete. Full shards (catch-up after falling behind the cache) are not scheduled."""
+        rows = [d for d in parts if not d.full and d.n]
+        if not rows:
+            return parts
+        cost = np.concatenate([np.full(d.n, store.layout.specs[d.shard].row_bytes + ROW_OVERHEAD) for d in rows])
+        budget = self.bytes_per_s * self.interval_s
+        if cost.sum() <= budget:
+            return parts
+        order = np.argsort(-self.scores(store, rows), kind="stable")
+        fits = max(1, int((np.cumsum(cost[order]) <= budget).sum()))
+        chosen = np.zeros(len(cost), dtype=bool)
+        chosen[order[:fits]] = True
+        picked, at = {}, 0
+        for d in rows:
+            mask = chosen[at : at + d.n]
+            at += d.n
+            picked[id(d)] = replace(d, rows=d.rows[mask], values=d.values[mask], row_versions=d.row_versions[mask],
+                                    complete=d.complete and bool(mask.all()))
+        return [picked.get(id(d), d) for d in parts]

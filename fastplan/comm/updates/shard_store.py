@@ -2,196 +2,307 @@
 bounded update cache that says whether "what changed since v" can still be answered by a delta.
 
 Log-less (Ekko): no operation log is kept, only which rows each recent version touched (the update
-cache, bounded in rows). A delta is those rows' current values; an asker older than the cache
-gets the full shard.
+cache, bounded in rows). A delta is those rows' current values; an asker older than the cache gets
+the full shard. Rows move as raw bytes (numpy views of the shard tensors, one element per row), a
+handful of array ops per delta whatever its size and dtype. Shards may be views into a live
+model's weights (`copy=False`): the store's lock is then the model's read lock, so a reader never
+sees a row half old, half new.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
-from torchrec.distributed.types import ShardingPlan
 
-ShardKey = Tuple[str, int]  # (table, shard index in the table's sharding spec)
+from fastplan.comm.updates.layout import Layout, ShardKey, ShardSpec
+from fastplan.comm.updates.wire import Delta
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def row_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy array of one raw-bytes element per row, sharing memory with the 2-D tensor `t`."""
+    if t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"shard tensor must be 2-D with contiguous rows, got shape {tuple(t.shape)} strides {t.stride()}")
+    a = t.detach().view(_SAME_SIZE_INT[t.element_size()]).numpy()
+    return a.view(np.dtype((np.void, t.size(1) * t.element_size())))[:, 0]
+
+
+def as_rows(values, spec: ShardSpec) -> np.ndarray:
+    """Values (n, cols) of a shard as raw rows (a copy the caller may not change under us)."""
+    if isinstance(values, np.ndarray) and values.dtype == np.dtype((np.void, spec.row_bytes)):
+        return np.array(values, copy=True)
+    t = torch.as_tensor(values).detach().to(spec.dtype).reshape(-1, spec.cols).contiguous()
+    return row_view(t).copy()  # a numpy copy: torch's own copy is slow on a busy host with intra-op threads
+
+
+def as_tensor(rows: np.ndarray, spec: ShardSpec) -> torch.Tensor:
+    """Raw rows back as a (n, cols) tensor of the shard's dtype (a view when possible)."""
+    raw = np.ascontiguousarray(rows).view(np.uint8)
+    return torch.from_numpy(raw).view(spec.dtype).view(len(rows), spec.cols) if len(rows) else torch.zeros(0, spec.cols, dtype=spec.dtype)
 
 
 @dataclass
-class Delta:
-    """Rows of one shard that changed after `since`, bringing a replica to `version`."""
+class UndoLog:
+    """Bytes and versions of rows at the last healthy point, saved on their first overwrite."""
 
-    key: ShardKey
-    since: int
-    version: int
-    rows: torch.Tensor  # int64 row ids (local to the shard)
-    values: torch.Tensor  # (len(rows), dim)
-    row_versions: torch.Tensor  # int64
-    full: bool = False  # True: `rows` is every row (the asker was too far behind)
+    saved: np.ndarray  # bool per row
+    chunks: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
-    def payload_bytes(self) -> int:
-        return self.rows.numel() * 8 + self.values.numel() * self.values.element_size() + self.row_versions.numel() * 8
+    def remember(self, s: "Shard", rows: np.ndarray) -> None:
+        new = rows[~self.saved[rows]]
+        if len(new):
+            self.saved[new] = True
+            self.chunks.append((new, s.rows[new], s.row_versions[new]))
+
+    @property
+    def size(self) -> int:
+        return sum(len(r) for r, _, _ in self.chunks)
 
 
 @dataclass
 class Shard:
-    weights: torch.Tensor
-    version: int = 0
-    row_versions: torch.Tensor = None  # int64 per row
-    cache: Deque[Tuple[int, torch.Tensor]] = field(default_factory=deque)  # (version, rows it changed)
+    spec: ShardSpec
+    weights: torch.Tensor  # the shard as the model sees it
+    rows: np.ndarray  # the same memory, one raw element per row
+    version: int
+    row_versions: np.ndarray  # int64 per row
+    cache: Deque[Tuple[int, float, np.ndarray]] = field(default_factory=deque)  # (version, time, sorted rows)
     cached_rows: int = 0
     oldest_answerable: int = 0  # deltas are offered to askers at versions >= this
-    change_norm: torch.Tensor = None  # size of each row's last change (scheduler importance)
-    reads: torch.Tensor = None  # how often each row was read (scheduler importance)
+    partial: List[np.ndarray] = field(default_factory=list)  # rows from incomplete deltas, beyond `version`
+    change_norm: Optional[np.ndarray] = None  # size of each row's last change (scheduler importance)
+    reads: Optional[np.ndarray] = None  # how often each row was read (scheduler importance)
+    undo: Optional[UndoLog] = None
     healthy_version: int = 0
-    undo: Dict[int, Tuple[torch.Tensor, int]] = field(default_factory=dict)  # row -> bytes at the healthy point
-
-    def __post_init__(self) -> None:
-        n = self.weights.size(0)
-        if self.row_versions is None:
-            self.row_versions = torch.zeros(n, dtype=torch.int64)
-        self.change_norm = torch.zeros(n)
-        self.reads = torch.zeros(n)
-
-    def remember(self, rows: torch.Tensor) -> None:
-        """Keep the healthy bytes of rows about to be overwritten (first overwrite only)."""
-        for r in rows.tolist():
-            if r not in self.undo:
-                self.undo[r] = (self.weights[r].clone(), int(self.row_versions[r]))
 
 
 class ShardStore:
-    """The shards one rank (or its replicas) holds, each with versions and a bounded update cache."""
+    """The shards of `layout` that one node holds, with versions, an update cache and a lock."""
 
-    def __init__(self, shards: Dict[ShardKey, torch.Tensor], cache_rows: int = 100_000) -> None:
+    def __init__(self, layout: Layout, tensors: Dict[ShardKey, torch.Tensor], copy: bool = True, version: int = 0,
+                 cache_rows: int = 1_000_000) -> None:
+        self.layout = layout
         self.cache_rows = cache_rows
-        self.shards: Dict[ShardKey, Shard] = {k: Shard(w.detach().clone()) for k, w in sorted(shards.items())}
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.shards: Dict[int, Shard] = {}
+        for key, w in tensors.items():
+            if key not in layout.index:
+                raise ValueError(f"shard {key} is not in the layout")
+            spec = layout.specs[layout.index[key]]
+            if tuple(w.shape) != (spec.rows, spec.cols) or w.dtype != spec.dtype:
+                raise ValueError(f"shard {key}: tensor {tuple(w.shape)} {w.dtype}, layout says ({spec.rows}, {spec.cols}) {spec.dtype}")
+            w = w.detach().clone() if copy else w.detach()
+            rv = np.full(spec.rows, version, dtype=np.int64)
+            self.shards[layout.index[key]] = Shard(spec, w, row_view(w), version, rv, oldest_answerable=version,
+                                                   healthy_version=version)
 
-    @classmethod
-    def from_plan(cls, plan: ShardingPlan, rank: int, init: Optional[Dict[str, torch.Tensor]] = None,
-                  cache_rows: int = 100_000) -> "ShardStore":
-        """The shards `plan` places on `rank` (sharding-spec shards; data-parallel tables whole).
-        `init` gives full tables to slice from; otherwise shards start at zero."""
-        shards: Dict[ShardKey, torch.Tensor] = {}
-        for path, module_plan in sorted(plan.plan.items()):
-            for name, ps in sorted(module_plan.items()):
-                if ps.sharding_spec is None:  # data parallel: every rank holds the whole table
-                    if init is None or name not in init:
-                        raise ValueError(f"table '{name}' is data-parallel: pass its weights in init")
-                    shards[(name, 0)] = init[name]
-                    continue
-                for i, meta in enumerate(ps.sharding_spec.shards):
-                    if meta.placement.rank() != rank:
-                        continue
-                    (r0, c0), (nr, nc) = meta.shard_offsets, meta.shard_sizes
-                    if init is not None and name in init:
-                        shards[(name, i)] = init[name][r0 : r0 + nr, c0 : c0 + nc]
-                    else:
-                        shards[(name, i)] = torch.zeros(nr, nc)
-        return cls(shards, cache_rows)
-
+    # ---- reading ---------------------------------------------------------------------------------
     def keys(self) -> List[ShardKey]:
-        return list(self.shards)
+        return [self.layout.specs[i].key for i in self.shards]
 
     def versions(self) -> Dict[ShardKey, int]:
-        return {k: s.version for k, s in self.shards.items()}
+        with self.lock:
+            return {s.spec.key: s.version for s in self.shards.values()}
 
-    # ---- writer side -------------------------------------------------------------------------
-    def apply_update(self, key: ShardKey, rows: torch.Tensor, values: torch.Tensor) -> int:
-        """Overwrite `rows` of a shard; returns the new shard version."""
-        s = self.shards[key]
-        rows = torch.as_tensor(rows, dtype=torch.int64)
-        s.version += 1
-        s.remember(rows)
-        values = values.to(s.weights.dtype)
-        s.change_norm[rows] = (values - s.weights[rows]).float().norm(dim=1)
-        s.weights[rows] = values
-        s.row_versions[rows] = s.version
-        self._cache_add(s, s.version, rows)
-        return s.version
+    def version_array(self) -> np.ndarray:
+        """Versions in layout order; -1 for shards this node does not hold."""
+        out = np.full(len(self.layout), -1, dtype=np.int64)
+        with self.lock:
+            for i, s in self.shards.items():
+                out[i] = s.version
+        return out
 
-    def _cache_add(self, s: Shard, version: int, rows: torch.Tensor) -> None:
-        s.cache.append((version, rows.clone()))
-        s.cached_rows += int(rows.numel())
+    def tensors(self) -> Dict[ShardKey, torch.Tensor]:
+        return {s.spec.key: s.weights for s in self.shards.values()}
+
+    def checksum(self) -> str:
+        """sha256 over every held shard's bytes, in layout order."""
+        h = hashlib.sha256()
+        with self.lock:
+            for i in sorted(self.shards):
+                h.update(repr(self.layout.specs[i].key).encode())
+                h.update(np.ascontiguousarray(self.shards[i].rows).tobytes())
+        return h.hexdigest()
+
+    def has_news(self, sinces: Dict[int, int]) -> bool:
+        """Whether some shard moved away from the version an asker holds (call under `changed`)."""
+        return any(self.shards[i].version != v for i, v in sinces.items())
+
+    # ---- writer side -----------------------------------------------------------------------------
+    def apply_update(self, key: ShardKey, rows, values) -> Delta:
+        """Overwrite distinct `rows` of a shard with `values` (n, cols); returns what changed (the
+        delta from the previous version, which a server can hand to askers level with it)."""
+        i = self.layout.index[key]
+        spec = self.layout.specs[i]
+        rows = np.asarray(torch.as_tensor(rows).numpy() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
+        values = as_rows(values, spec)
+        if len(values) != len(rows):
+            raise ValueError(f"shard {key}: {len(rows)} rows but {len(values)} value rows")
+        if not _increasing(rows):
+            order = np.argsort(rows, kind="stable")
+            rows, values = rows[order], values[order]
+            if not _increasing(rows):
+                raise ValueError(f"shard {key}: an update lists a row twice")
+        if len(rows) and (rows[0] < 0 or rows[-1] >= spec.rows):
+            raise ValueError(f"shard {key}: row ids outside [0, {spec.rows})")
+        with self.changed:
+            s = self.shards[i]
+            s.version += 1
+            if s.undo is not None:
+                s.undo.remember(s, rows)
+            if s.change_norm is not None:
+                s.change_norm[rows] = (as_tensor(values, spec).float() - as_tensor(s.rows[rows], spec).float()).norm(dim=1).numpy()
+            s.rows[rows] = values
+            s.row_versions[rows] = s.version
+            self._cache_add(s, s.version, rows)
+            self.changed.notify_all()
+            return Delta(i, s.version - 1, s.version, rows, values, np.full(len(rows), s.version, dtype=np.int64))
+
+    def _cache_add(self, s: Shard, version: int, rows: np.ndarray) -> None:
+        s.cache.append((version, time.time(), rows))
+        s.cached_rows += len(rows)
         while s.cached_rows > self.cache_rows and len(s.cache) > 1:
-            v, evicted = s.cache.popleft()
-            s.cached_rows -= int(evicted.numel())
+            v, _, evicted = s.cache.popleft()
+            s.cached_rows -= len(evicted)
             s.oldest_answerable = v  # an asker at v already has this change; older askers need the full shard
 
-    def delta_since(self, key: ShardKey, since: int, known: Optional[Dict[int, int]] = None) -> Delta:
-        """What changed after `since`. `known` (row -> row version) lists rows the asker already has
-        beyond `since`; they are left out. Askers older than the update cache get the full shard."""
-        s = self.shards[key]
-        if since < s.oldest_answerable or since > s.version:
-            rows = torch.arange(s.weights.size(0))
-            return Delta(key, since, s.version, rows, s.weights.clone(), s.row_versions.clone(), full=True)
-        changed = [r for v, r in s.cache if v > since]
-        rows = torch.unique(torch.cat(changed)) if changed else torch.zeros(0, dtype=torch.int64)
-        if known and rows.numel():
-            have = torch.zeros(s.weights.size(0), dtype=torch.int64) - 1
-            ids = torch.tensor(list(known.keys()), dtype=torch.int64)
-            have[ids] = torch.tensor(list(known.values()), dtype=torch.int64)
-            rows = rows[s.row_versions[rows] > have[rows]]
-        return Delta(key, since, s.version, rows, s.weights[rows].clone(), s.row_versions[rows].clone())
+    def delta_since(self, shard: int, since: int, known_rows: Optional[np.ndarray] = None,
+                    known_versions: Optional[np.ndarray] = None) -> Delta:
+        """What changed after `since`, leaving out rows the asker already holds at the same or a newer
+        row version (`known_*`, sorted rows). Askers older than the update cache get the full shard."""
+        with self.lock:
+            s = self.shards[shard]
+            if since < s.oldest_answerable or since > s.version:
+                return Delta(shard, since, s.version, None, s.rows.copy(), s.row_versions.copy(), full=True)
+            parts = []
+            for v, _, rows in reversed(s.cache):
+                if v <= since:
+                    break
+                parts.append(rows)
+            if not parts:
+                rows = np.zeros(0, dtype=np.int64)
+            else:
+                rows = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+                rows = rows[s.row_versions[rows] > since]  # a replica's cache entry may span versions
+            if known_rows is not None and len(known_rows) and len(rows):
+                pos = np.searchsorted(known_rows, rows).clip(max=len(known_rows) - 1)
+                keep = (known_rows[pos] != rows) | (s.row_versions[rows] > known_versions[pos])
+                rows = rows[keep]
+            return Delta(shard, since, s.version, rows, s.rows[rows], s.row_versions[rows])
 
-    # ---- reader side -------------------------------------------------------------------------
-    def apply_delta(self, delta: Delta, complete: bool = True) -> None:
-        """Install a delta. `complete=False` (a scheduler sent only part of it) keeps the shard
-        version, so the next pull asks again from the same point, telling what it already has."""
-        s = self.shards[delta.key]
-        old_version = s.version
-        if delta.full:
-            s.remember(torch.arange(s.weights.size(0)))
-            s.weights.copy_(delta.values)
-            s.row_versions.copy_(delta.row_versions)
-        elif delta.rows.numel():
-            newer = delta.row_versions > s.row_versions[delta.rows]
-            rows = delta.rows[newer]
-            s.remember(rows)
-            s.weights[rows] = delta.values[newer].to(s.weights.dtype)
-            s.row_versions[rows] = delta.row_versions[newer]
-        if not complete or delta.version <= old_version:
-            return
-        s.version = delta.version
-        # A replica serves its peers too: remember which rows this version brought (partial rows included).
-        if delta.full:
-            s.cache.clear()
-            s.cached_rows = 0
-            s.oldest_answerable = delta.version
-        else:
-            self._cache_add(s, delta.version, (s.row_versions > old_version).nonzero().flatten())
+    def change_times(self, shard: int, row_versions: np.ndarray) -> np.ndarray:
+        """When each row version was written here (seconds; versions no longer cached count as oldest)."""
+        with self.lock:
+            s = self.shards[shard]
+            if not s.cache:
+                return np.zeros(len(row_versions))
+            versions = np.array([v for v, _, _ in s.cache])
+            times = np.array([t for _, t, _ in s.cache])
+            pos = np.searchsorted(versions, row_versions).clip(max=len(versions) - 1)
+            return np.where(versions[pos] == row_versions, times[pos], times[0] - 1)
 
-    def known_beyond(self, key: ShardKey) -> Dict[int, int]:
-        """Rows this replica holds at a row version above its shard version (from partial deltas)."""
-        s = self.shards[key]
-        mask = s.row_versions > s.version
-        ids = mask.nonzero().flatten()
-        return dict(zip(ids.tolist(), s.row_versions[ids].tolist()))
+    # ---- reader side -----------------------------------------------------------------------------
+    def apply_delta(self, d: Delta) -> bool:
+        """Install a delta (False if it no longer applies: it starts beyond this shard's version).
+        An incomplete one keeps the shard version, so the next pull asks again from the same point,
+        telling what it already has."""
+        with self.changed:
+            s = self.shards[d.shard]
+            old = s.version
+            if d.full:
+                if s.undo is not None:
+                    s.undo.remember(s, np.arange(s.spec.rows))
+                s.rows[:] = d.values
+                s.row_versions[:] = d.row_versions
+                s.version = d.version
+                s.cache.clear()
+                s.cached_rows = 0
+                s.oldest_answerable = d.version
+                s.partial.clear()
+                self.changed.notify_all()
+                return True
+            if d.since > old:
+                return False
+            rows, values, rv = d.rows, d.values, d.row_versions
+            newer = rv > s.row_versions[rows]
+            if not newer.all():  # rows this replica already got newer from an incomplete delta
+                rows, values, rv = rows[newer], values[newer], rv[newer]
+            if s.undo is not None:
+                s.undo.remember(s, rows)
+            s.rows[rows] = values
+            s.row_versions[rows] = rv
+            if not d.complete:
+                s.partial.append(rows)
+            elif d.version > old:
+                # A replica serves its peers too: remember which rows this version brought.
+                brought = np.unique(np.concatenate([d.rows, *s.partial])) if s.partial else d.rows
+                s.version = d.version
+                self._cache_add(s, d.version, brought)
+                beyond = brought[s.row_versions[brought] > s.version]  # relayed from a peer's partial rows
+                s.partial = [beyond] if len(beyond) else []
+            self.changed.notify_all()
+            return True
 
-    def record_reads(self, key: ShardKey, rows: torch.Tensor) -> None:
-        self.shards[key].reads.index_add_(0, torch.as_tensor(rows, dtype=torch.int64), torch.ones(len(rows)))
+    def known_beyond(self, shard: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Rows held at a row version above the shard version (from incomplete deltas), sorted."""
+        with self.lock:
+            s = self.shards[shard]
+            if not s.partial:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            rows = np.unique(np.concatenate(s.partial))
+            return rows, s.row_versions[rows]
+
+    # ---- scheduler and state manager -------------------------------------------------------------
+    def track_importance(self) -> None:
+        """Keep each row's last change size and read count (what the priority scheduler ranks by)."""
+        with self.lock:
+            for s in self.shards.values():
+                if s.change_norm is None:
+                    s.change_norm = np.zeros(s.spec.rows, dtype=np.float32)
+                    s.reads = np.zeros(s.spec.rows, dtype=np.float32)
+
+    def record_reads(self, key: ShardKey, rows) -> None:
+        self.track_importance()
+        with self.lock:
+            s = self.shards[self.layout.index[key]]
+            np.add.at(s.reads, np.asarray(rows, dtype=np.int64), 1)
 
     def mark_healthy(self) -> None:
-        """The current bytes are good: forget the undo information."""
-        for s in self.shards.values():
-            s.undo.clear()
-            s.healthy_version = s.version
+        """The current bytes are good: start a new undo log from here."""
+        with self.lock:
+            for s in self.shards.values():
+                s.undo = UndoLog(np.zeros(s.spec.rows, dtype=bool))
+                s.healthy_version = s.version
 
     def rollback(self) -> int:
         """Restore every shard to its bytes and versions at the last `mark_healthy`; returns rows restored."""
         restored = 0
-        for s in self.shards.values():
-            for r, (value, version) in s.undo.items():
-                s.weights[r] = value
-                s.row_versions[r] = version
-            restored += len(s.undo)
-            s.undo.clear()
-            s.version = s.healthy_version
-            while s.cache and s.cache[-1][0] > s.version:  # never serve changes that were undone
-                _, rows = s.cache.pop()
-                s.cached_rows -= int(rows.numel())
+        with self.changed:
+            for s in self.shards.values():
+                if s.undo is None:
+                    raise RuntimeError("rollback without mark_healthy: no undo log is kept")
+                for rows, values, versions in s.undo.chunks:
+                    s.rows[rows] = values
+                    s.row_versions[rows] = versions
+                restored += s.undo.size
+                s.undo = UndoLog(np.zeros(s.spec.rows, dtype=bool))
+                s.version = s.healthy_version
+                s.partial.clear()
+                while s.cache and s.cache[-1][0] > s.version:  # never serve changes that were undone
+                    _, _, rows = s.cache.pop()
+                    s.cached_rows -= len(rows)
+            self.changed.notify_all()
         return restored
 
-    def tensors(self) -> Dict[ShardKey, torch.Tensor]:
-        return {k: s.weights for k, s in self.shards.items()}
+
+def _increasing(rows: np.ndarray) -> bool:
+    return len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())

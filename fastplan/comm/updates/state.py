@@ -1,5 +1,5 @@
-"""Inference model state manager: score a probe batch on a live replica and on the baseline; when
-updates push the live scores past a drift threshold, roll back to the last healthy bytes exactly."""
+"""Inference model state manager (Ekko): compare a live replica's probe scores with a baseline; when
+updates drive the scores past a drift threshold, roll back to the last healthy bytes exactly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Callable, Dict, Union
 
 import torch
 
-from fastplan.comm.updates.shard_store import ShardKey, ShardStore
+from fastplan.comm.updates.layout import ShardKey
+from fastplan.comm.updates.shard_store import ShardStore
 
 Scorer = Callable[[Dict[ShardKey, torch.Tensor]], torch.Tensor]
 
@@ -28,23 +29,18 @@ class ModelStateManager:
     drifted -> restore the last healthy bytes and say why."""
 
     def __init__(self, store: ShardStore, score: Scorer, baseline: Union[torch.Tensor, Callable[[], torch.Tensor]],
-                 threshold: float, lock=None) -> None:
+                 threshold: float) -> None:
         self.store = store
         self.score = score
         self.baseline = baseline
         self.threshold = threshold
-        self.lock = lock
         self.store.mark_healthy()
 
-    def _baseline(self) -> torch.Tensor:
-        return self.baseline() if callable(self.baseline) else self.baseline
-
     def check(self) -> HealthReport:
-        from contextlib import nullcontext
-
-        with self.lock if self.lock is not None else nullcontext():
+        with self.store.lock:
             live = self.score(self.store.tensors())
-            drift = float((live - self._baseline()).abs().mean())
+            baseline = self.baseline() if callable(self.baseline) else self.baseline
+            drift = float((live - baseline).abs().mean())
             if drift <= self.threshold:
                 self.store.mark_healthy()
                 return HealthReport(True, drift, self.threshold, self.store.versions())

@@ -1,276 +1,384 @@
 """Ekko-style log-less peer-pull synchronisation of versioned shards between processes.
 
-Every node (the trainer and each inference replica) serves its `ShardStore` on 127.0.0.1 and
-publishes its address in a torch.distributed store. A replica pulls in Ekko's four steps:
-(1) ask a peer for its shard versions, (2) receive them, (3) for each shard where some peer is
-ahead, send the version it has and the rows it already holds beyond it, (4) receive only the rows
-changed since. Any node that is ahead can serve (not only the trainer). A peer that is dead or
-stops answering is skipped for a while and named in `errors`; the others keep syncing.
+Every node (a trainer rank or an inference replica) serves its `ShardStore` over TCP and publishes
+its address in the job's rendezvous store. A replica pulls from every peer at once, one thread per
+peer, in Ekko's four steps: (1) send its shard versions, (2) receive the peer's, (3) for shards
+where the peer is ahead, send the version it holds and the rows it already has beyond it, (4)
+receive only the rows changed since, applied straight into the shard tensors.
+
+A source (the trainer rank that writes a shard) is always ahead or level, so with a source steps
+1 and 3 travel as one request that the source holds until it has news (a long poll), and steps 2
+and 4 as its reply. Other peers are probed every `probe_interval_s`. A shard is fetched by one
+thread at a time, its source's while the source answers, so replicas serve each other what a
+missing source cannot. A peer that is dead, stalls, fails authentication or sends malformed bytes
+is named in `errors` and left alone for `cooldown_s`; the node keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 import socket
-import struct
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
-import torch
+import numpy as np
 
+from fastplan.comm.updates.channel import Channel, PeerError, accept_peer, connect_peer, job_secret
+from fastplan.comm.updates.layout import ShardKey
 from fastplan.comm.updates.scheduler import UpdateScheduler
-from fastplan.comm.updates.shard_store import Delta, ShardKey, ShardStore
+from fastplan.comm.updates.shard_store import ShardStore
+from fastplan.comm.updates.wire import (
+    REPLY_BYTES, Ask, Delta, EncodedPart, Kind, WireError, decode_delta_reply, decode_delta_request, decode_versions,
+    encode_delta_reply, encode_delta_request, encode_part, max_body,
+)
 
-logger = logging.getLogger("fastplan.sync")
-_LEN = struct.Struct("<q")
-
-
-def encode_delta(d: Delta, complete: bool) -> bytes:
-    """Compact: a small pickled header, then raw row ids, row versions and values."""
-    head = pickle.dumps((d.key, d.since, d.version, d.full, complete, tuple(d.values.shape), str(d.values.dtype)))
-    body = [d.rows.numpy().tobytes(), d.row_versions.numpy().tobytes(), d.values.contiguous().view(-1).view(torch.uint8).numpy().tobytes()]
-    return _LEN.pack(len(head)) + head + b"".join(body)
+logger = logging.getLogger("fastplan.ekko")
+MAX_WAIT_MS = 10_000  # the longest long poll a peer may ask for
 
 
-def decode_delta(data: bytes) -> Tuple[Delta, bool]:
-    (n,) = _LEN.unpack_from(data)
-    key, since, version, full, complete, shape, dtype = pickle.loads(data[8 : 8 + n])
-    rows_n = shape[0]
-    off = 8 + n
-    rows = torch.frombuffer(bytearray(data[off : off + 8 * rows_n]), dtype=torch.int64) if rows_n else torch.zeros(0, dtype=torch.int64)
-    off += 8 * rows_n
-    vers = torch.frombuffer(bytearray(data[off : off + 8 * rows_n]), dtype=torch.int64) if rows_n else torch.zeros(0, dtype=torch.int64)
-    off += 8 * rows_n
-    dt = getattr(torch, dtype.replace("torch.", ""))
-    values = torch.frombuffer(bytearray(data[off:]), dtype=dt).view(shape) if rows_n else torch.zeros(shape, dtype=dt)
-    return Delta(tuple(key), since, version, rows, values, vers, full), complete
-
-
-def _send_msg(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(_LEN.pack(len(payload)) + payload)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(min(n - got, 1 << 20))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def _recv_msg(sock: socket.socket) -> bytes:
-    (n,) = _LEN.unpack(_recv_exact(sock, 8))
-    return _recv_exact(sock, n)
+@dataclass
+class SyncConfig:
+    timeout_s: float = 2.0  # a peer must answer within this (beyond the wait it was asked to hold)
+    cooldown_s: float = 1.0  # a failed peer is left alone this long
+    min_interval_s: float = 0.002  # at least this between pulls from a source: rows batch up meanwhile
+    long_poll_s: float = 0.5  # a source holds a pull this long, waiting for news
+    probe_interval_s: float = 0.1  # how often peers that are not sources are asked
+    max_connections: int = 64
+    prefix: str = "ekko"  # key prefix in the rendezvous store
+    host: str = "127.0.0.1"
 
 
 @dataclass
 class SyncStats:
-    bytes_sent: int = 0  # everything this node wrote as a server (responses)
-    bytes_requested: int = 0  # everything this node wrote as a client (requests)
-    messages: int = 0
-    changed_row_bytes: int = 0  # row ids + versions + values of the rows served
-    delta_bytes: int = 0  # wire bytes of delta replies (full shards excluded)
-    deltas: int = 0
-    full_bytes: int = 0
+    bytes_out: int = 0  # every byte this node wrote (replies, requests, handshakes)
+    bytes_in: int = 0
+    deltas: int = 0  # delta parts served (full shards excluded)
+    delta_rows: int = 0
     full_shards: int = 0
-    pulls: int = 0
-    applied: int = 0
+    full_rows: int = 0
+    pulls: int = 0  # delta requests this node made
+    applied: int = 0  # parts applied
+    rows_applied: int = 0
 
 
 @dataclass
-class PeerError:
-    rank: int
+class PeerFault:
+    rank: int  # -1 when the peer never authenticated
     when: float
     what: str
+
+
+@dataclass
+class _Peer:
+    rank: int
+    chan: Optional[Channel] = None
+    source: bool = False
+    holds: List[int] = field(default_factory=list)  # layout indices of the shards it serves
+    avoid_until: float = 0.0
+
+
+@dataclass
+class _Shared:
+    key: Tuple[int, int]  # (since, version)
+    done: threading.Event = field(default_factory=threading.Event)
+    part: Optional[EncodedPart] = None
 
 
 class SyncNode:
     """Serves a `ShardStore` and, for a replica, keeps pulling it up to date from its peers."""
 
-    def __init__(
-        self,
-        rank: int,
-        world: int,
-        store: ShardStore,
-        kv_store,  # a torch.distributed Store (TCPStore/FileStore/PrefixStore) for addresses
-        pull_interval_s: float = 0.01,
-        timeout_s: float = 2.0,
-        cooldown_s: float = 2.0,
-        scheduler: Optional[UpdateScheduler] = None,
-        on_apply: Optional[Callable[[ShardKey, int, Delta], None]] = None,
-    ) -> None:
+    def __init__(self, rank: int, world: int, store: ShardStore, kv, source: bool = False,
+                 config: Optional[SyncConfig] = None, scheduler: Optional[UpdateScheduler] = None,
+                 on_apply: Optional[Callable[[ShardKey, int, Delta], None]] = None, secret: Optional[bytes] = None) -> None:
         self.rank = rank
         self.world = world
         self.store = store
-        self.kv = kv_store
-        self.lock = threading.RLock()
-        self.pull_interval_s = pull_interval_s
-        self.timeout_s = timeout_s
-        self.cooldown_s = cooldown_s
+        self.kv = kv
+        self.source = source
+        self.config = config or SyncConfig()
         self.scheduler = scheduler
         self.on_apply = on_apply
+        self.secret = secret if secret is not None else job_secret(kv, self.config.prefix)
+        self.limit = max_body(store.layout)
         self.stats = SyncStats()
-        self.errors: List[PeerError] = []
-        self.serving = True  # False: accept connections but never answer (a stalled peer)
+        self.errors: List[PeerFault] = []
+        self.serving = True  # False: keep connections but never answer (a stalled peer, for tests)
         self.paused = False  # True: stop pulling (e.g. after a rollback, until the bad update is dealt with)
         self._stop = threading.Event()
-        self._avoid: Dict[int, float] = {}
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
+        self._lock = threading.Lock()  # stats, errors, claims, open channels, encoded parts
+        self._claimed: Set[int] = set()
+        self._open: Set[Channel] = set()
+        self._authenticated: Dict[Channel, int] = {}
+        self._encoded: Dict[int, _Shared] = {}  # shard -> the latest encoded part, shared by askers
+        self._threads: List[threading.Thread] = []
+        self._listener = socket.create_server((self.config.host, 0), backlog=self.config.max_connections)
         self._listener.settimeout(0.2)
-        self._threads = [threading.Thread(target=self._serve, daemon=True, name=f"ekko-serve-{rank}")]
-        kv_store.set(f"ekko/addr/{rank}", f"127.0.0.1:{self._listener.getsockname()[1]}")
+        role = "source" if source else "replica"
+        kv.delete_key(f"{self.config.prefix}/left/{rank}")
+        kv.set(f"{self.config.prefix}/addr/{rank}", f"{self.config.host}:{self._listener.getsockname()[1]}:{role}")
 
-    # ---- lifecycle ---------------------------------------------------------------------------
+    # ---- lifecycle -------------------------------------------------------------------------------
     def start(self, pull: bool) -> "SyncNode":
+        self._spawn(self._accept_loop, "accept")
         if pull:
-            self._threads.append(threading.Thread(target=self._pull_loop, daemon=True, name=f"ekko-pull-{self.rank}"))
-        for t in self._threads:
-            t.start()
+            for p in range(self.world):
+                if p != self.rank:
+                    self._spawn(self._pull_loop, f"pull-{p}", _Peer(p))
         return self
 
+    def _spawn(self, target, name: str, *args) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True, name=f"ekko-{self.rank}-{name}")
+        self._threads.append(t)
+        t.start()
+
     def stop(self) -> None:
+        """Leave the job: peers that lose their connection to this node see that it left."""
+        self.kv.set(f"{self.config.prefix}/left/{self.rank}", "1")
         self._stop.set()
+        with self.store.changed:
+            self.store.changed.notify_all()
+        with self._lock:
+            for chan in list(self._open):
+                try:
+                    chan.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for t in self._threads:
             t.join(timeout=5)
         self._listener.close()
 
-    # ---- writer API --------------------------------------------------------------------------
-    def write(self, key: ShardKey, rows: torch.Tensor, values: torch.Tensor) -> int:
-        with self.lock:
-            return self.store.apply_update(key, rows, values)
+    def publish(self, updates: Dict[ShardKey, Tuple[object, object]]) -> Dict[ShardKey, int]:
+        """Write one training step ({shard: (rows, values)}): waiting pulls wake once, and each shard's
+        step is encoded once, here, for every asker level with the previous step. Returns new versions."""
+        with self.store.changed:
+            written = [self.store.apply_update(key, rows, values) for key, (rows, values) in updates.items()]
+            if self.scheduler is None:
+                with self._lock:
+                    for d in written:
+                        self._encoded[d.shard] = _Shared((d.since, d.version), part=encode_part(d))
+                        self._encoded[d.shard].done.set()
+        return {self.store.layout.specs[d.shard].key: d.version for d in written}
 
-    # ---- server ------------------------------------------------------------------------------
-    def _serve(self) -> None:
+    def peers(self) -> Set[int]:
+        """Ranks of the peers connected and authenticated to this node's server."""
+        with self._lock:
+            return set(self._authenticated.values())
+
+    def _fault(self, rank: int, what: str) -> None:
+        if self._stop.is_set():
+            return  # peers going away at shutdown is not news
+        with self._lock:
+            self.errors.append(PeerFault(rank, time.time(), what))
+        logger.warning("fastplan ekko: rank %d: %s", self.rank, what)
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            for k, v in amounts.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def _track(self, chan: Channel, add: bool) -> None:
+        with self._lock:
+            (self._open.add if add else self._open.discard)(chan)
+        if not add:
+            self._count(bytes_out=chan.bytes_out, bytes_in=chan.bytes_in)
+            chan.bytes_out = chan.bytes_in = 0
+            chan.close()
+
+    # ---- server ----------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self._listener.accept()
+                conn, addr = self._listener.accept()
             except (socket.timeout, OSError):
                 continue
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            chan = Channel(conn, f"{addr[0]}:{addr[1]}")
+            if len(self._open) >= self.config.max_connections:
+                self._fault(-1, f"peer {chan.peer} refused: {self.config.max_connections} connections already open")
+                chan.refuse("too many connections")
+                continue
+            self._track(chan, True)
+            self._spawn(self._serve, f"serve-{addr[1]}", chan)
 
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.settimeout(self.timeout_s * 4)
-                while not self._stop.is_set():
-                    request = pickle.loads(_recv_msg(conn))
-                    if not self.serving:
-                        time.sleep(3600)  # stalled: holds the connection, never answers
-                    kind = request[0]
-                    if kind == "versions":  # steps 1-2: only the shards where this node is ahead
-                        theirs = request[1]
-                        with self.lock:
-                            ahead = {k: v for k, v in self.store.versions().items() if v > theirs.get(k, -1)}
-                        reply = pickle.dumps(ahead)
-                    elif kind == "delta":  # steps 3-4
-                        _, key, since, known = request
-                        with self.lock:
-                            delta = self.store.delta_since(key, since, known)
-                            complete = True
-                            if self.scheduler is not None and not delta.full:
-                                delta, complete = self.scheduler.select(self.store, delta)
-                        reply = encode_delta(delta, complete)
-                        self.stats.changed_row_bytes += delta.payload_bytes()
-                        if delta.full:
-                            self.stats.full_shards += 1
-                            self.stats.full_bytes += len(reply) + _LEN.size
-                        else:
-                            self.stats.deltas += 1
-                            self.stats.delta_bytes += len(reply) + _LEN.size
-                    else:
-                        raise ValueError(f"unknown request {kind!r}")
-                    _send_msg(conn, reply)
-                    self.stats.bytes_sent += len(reply) + _LEN.size
-                    self.stats.messages += 1
-            except (ConnectionError, OSError, EOFError):
-                return
-
-    # ---- client ------------------------------------------------------------------------------
-    def _connect(self, peer: int) -> Optional[socket.socket]:
-        if not self.kv.check([f"ekko/addr/{peer}"]):
-            return None  # not started yet: nothing to pull from it
-        host, port = self.kv.get(f"ekko/addr/{peer}").decode().rsplit(":", 1)
-        s = socket.create_connection((host, int(port)), timeout=self.timeout_s)
-        s.settimeout(self.timeout_s)
-        return s
-
-    def _request(self, sock: socket.socket, request) -> bytes:
-        payload = pickle.dumps(request)
-        _send_msg(sock, payload)
-        self.stats.bytes_requested += len(payload) + _LEN.size
-        return _recv_msg(sock)
-
-    def _peer_failed(self, peer: int, what: str) -> None:
-        self._avoid[peer] = time.monotonic() + self.cooldown_s
-        self.errors.append(PeerError(peer, time.time(), what))
-        logger.warning("fastplan: rank %d: peer rank %d %s", self.rank, peer, what)
-
-    def pull_once(self) -> int:
-        """One round of the four steps against every reachable peer; returns shards advanced."""
-        now = time.monotonic()
-        peers = [p for p in range(self.world) if p != self.rank and self._avoid.get(p, 0) <= now]
-        conns: Dict[int, socket.socket] = {}
-        offers: Dict[int, Dict[ShardKey, int]] = {}
-        with self.lock:
-            mine = self.store.versions()
+    def _serve(self, chan: Channel) -> None:
+        rank = -1
+        layout = self.store.layout
         try:
-            for p in peers:  # steps 1-2
-                try:
-                    sock = self._connect(p)
-                    if sock is None:
-                        continue
-                    conns[p] = sock
-                    offers[p] = pickle.loads(self._request(sock, ("versions", mine)))
-                except socket.timeout:
-                    self._peer_failed(p, f"did not answer a version request within {self.timeout_s:.1f} s")
-                except (ConnectionError, OSError) as e:
-                    self._peer_failed(p, f"is unreachable ({type(e).__name__}: {e})")
-            advanced = 0
-            for key, version in mine.items():  # steps 3-4, from the peer furthest ahead
-                best = max((p for p in offers if offers[p].get(key, -1) > version), key=lambda p: (offers[p][key], -p), default=None)
-                if best is None:
-                    continue
-                with self.lock:
-                    known = self.store.known_beyond(key)
-                try:
-                    delta, complete = decode_delta(self._request(conns[best], ("delta", key, version, known)))
-                except socket.timeout:
-                    self._peer_failed(best, f"did not answer a delta request within {self.timeout_s:.1f} s")
-                    offers.pop(best)
-                    continue
-                except (ConnectionError, OSError) as e:
-                    self._peer_failed(best, f"failed during a delta ({type(e).__name__}: {e})")
-                    offers.pop(best)
-                    continue
-                with self.lock:
-                    self.store.apply_delta(delta, complete)
-                    new_version = self.store.shards[key].version
-                self.stats.applied += 1
-                advanced += 1
-                if self.on_apply is not None:
-                    self.on_apply(key, new_version, delta)
-            self.stats.pulls += 1
-            return advanced
+            rank = accept_peer(chan, self.secret, layout, self.rank, self.limit, self.config.timeout_s)
+            with self._lock:
+                self._authenticated[chan] = rank
+            while not self._stop.is_set():
+                kind, count, body = chan.recv(3600, "a request")
+                if not self.serving:
+                    self._stop.wait()  # stalled: holds the connection, never answers
+                    return
+                if kind is Kind.VERSIONS:  # steps 1-2
+                    decode_versions(body, count, layout)
+                    mine = self.store.version_array()
+                    chan.send(Kind.VERSIONS_REPLY, len(mine), [mine], self.config.timeout_s)
+                elif kind is Kind.DELTA:  # steps 3-4
+                    self._send_deltas(chan, *decode_delta_request(body, count, layout))
+                else:
+                    raise WireError(f"unexpected {kind.name} message")
+        except WireError as e:
+            self._fault(rank, f"peer {chan.peer} sent a malformed request: {e}")
+            chan.refuse(f"malformed request: {e}")
+        except PeerError as e:
+            if rank < 0:  # never authenticated: wrong secret, a stranger, a stall during the handshake
+                self._fault(rank, str(e))
+                chan.refuse(e.reason)
+            # after authentication a lost connection is the client's business (it retries)
         finally:
-            for s in conns.values():
-                s.close()
+            with self._lock:
+                self._authenticated.pop(chan, None)
+            self._track(chan, False)
 
-    def _pull_loop(self) -> None:
+    def _send_deltas(self, chan: Channel, asks: List[Ask], wait_ms: int) -> None:
+        store, layout = self.store, self.store.layout
+        missing = [layout.specs[a.shard].key for a in asks if a.shard not in store.shards]
+        if missing:
+            raise WireError(f"asked for shards {missing} that this node does not hold")
+        sinces = {a.shard: a.since for a in asks}
+        deadline = time.monotonic() + min(wait_ms, MAX_WAIT_MS) / 1000
+        with store.changed:  # hold the pull until some asked shard has news
+            while not self._stop.is_set() and not store.has_news(sinces) and deadline > time.monotonic():
+                store.changed.wait(deadline - time.monotonic())
+        parts, size = [], 0
+        for a in asks:
+            part = self._encode(a)
+            if part is None:
+                continue
+            size += part.n * (layout.specs[a.shard].row_bytes + 12)
+            if parts and size > REPLY_BYTES:
+                break  # the asker gets the rest next time
+            parts.append(part)
+        sent = chan.send(Kind.DELTA_REPLY, len(parts), encode_delta_reply(parts), self.config.timeout_s)
+        for p in parts:
+            self._count(**({"full_shards": 1, "full_rows": p.n} if p.full else {"deltas": 1, "delta_rows": p.n}))
+        if self.scheduler is not None:
+            self._stop.wait(sent / self.scheduler.bytes_per_s)  # pace: the stream stays under the cap
+
+    def _encode(self, a: Ask) -> Optional[EncodedPart]:
+        """The part answering one ask (None: nothing new). Askers at the same version share one
+        encoding: the first computes it, the others wait for it."""
+        version = self.store.shards[a.shard].version
+        if version == a.since:
+            return None
+        if len(a.known_rows) or self.scheduler is not None:
+            return self._build(a)
+        with self._lock:
+            shared = self._encoded.get(a.shard)
+            mine = shared is None or shared.key != (a.since, version)
+            if mine:
+                shared = self._encoded[a.shard] = _Shared((a.since, version))
+        if not mine:  # another server thread is encoding it; past the deadline, encode our own
+            shared.done.wait(self.config.timeout_s)
+            return shared.part or self._build(a)
+        try:
+            shared.part = self._build(a)
+        finally:
+            shared.done.set()
+        return shared.part
+
+    def _build(self, a: Ask) -> EncodedPart:
+        d = self.store.delta_since(a.shard, a.since, a.known_rows, a.known_versions)
+        if self.scheduler is not None and not d.full:
+            d = self.scheduler.select(self.store, [d])[0]
+        return encode_part(d)
+
+    # ---- client ----------------------------------------------------------------------------------
+    def _pull_loop(self, peer: _Peer) -> None:
+        cfg = self.config
         while not self._stop.is_set():
-            if self.paused:
-                self._stop.wait(self.pull_interval_s)
+            if self.paused or time.monotonic() < peer.avoid_until:
+                self._stop.wait(cfg.min_interval_s if self.paused else peer.avoid_until - time.monotonic())
                 continue
             try:
-                self.pull_once()
-            except Exception as e:  # noqa: BLE001 - keep syncing; surface the error
-                self.errors.append(PeerError(-1, time.time(), f"pull round failed: {type(e).__name__}: {e}"))
-            self._stop.wait(self.pull_interval_s)
+                if peer.chan is None and not self._connect(peer):
+                    self._stop.wait(cfg.probe_interval_s)
+                    continue
+                if peer.source:
+                    self._pull_source(peer)
+                else:
+                    self._probe(peer)
+            except (PeerError, WireError) as e:
+                what = str(e) if isinstance(e, PeerError) else f"peer rank {peer.rank} sent a malformed reply: {e}"
+                if not self.kv.check([f"{cfg.prefix}/left/{peer.rank}"]):  # a peer that left is not a fault
+                    self._fault(peer.rank, what)
+                peer.avoid_until = time.monotonic() + cfg.cooldown_s
+                if peer.chan is not None:
+                    self._track(peer.chan, False)
+                    peer.chan = None
+                continue
+            self._stop.wait(cfg.min_interval_s if peer.source else cfg.probe_interval_s)
+        if peer.chan is not None:
+            self._track(peer.chan, False)
+
+    def _connect(self, peer: _Peer) -> bool:
+        key = f"{self.config.prefix}/addr/{peer.rank}"
+        if not self.kv.check([key]):
+            return False  # not started yet: nothing to pull from it
+        host, port, role = self.kv.get(key).decode().rsplit(":", 2)
+        cfg = self.config
+        peer.chan = connect_peer((host, int(port)), peer.rank, self.secret, self.store.layout, self.rank, self.limit, cfg.timeout_s)
+        self._track(peer.chan, True)
+        peer.source = role == "source"
+        peer.holds = [int(i) for i in np.flatnonzero(self._versions_of(peer) >= 0) if int(i) in self.store.shards]
+        return True
+
+    def _versions_of(self, peer: _Peer) -> np.ndarray:
+        """Steps 1-2: send this node's versions, receive the peer's."""
+        chan, layout = peer.chan, self.store.layout
+        chan.send(Kind.VERSIONS, len(layout), [self.store.version_array()], self.config.timeout_s)
+        kind, count, body = chan.recv(self.config.timeout_s, "a version request")
+        if kind is not Kind.VERSIONS_REPLY:
+            raise WireError(f"answered a version request with {kind.name}")
+        return decode_versions(body, count, layout)
+
+    def _claim(self, shards) -> List[int]:
+        with self._lock:
+            claim = [i for i in shards if i not in self._claimed]
+            self._claimed.update(claim)
+        return claim
+
+    def _pull_source(self, peer: _Peer) -> None:
+        """Steps 1+3 in one request that the source holds until it has news; 2+4 in its reply."""
+        claim = self._claim(peer.holds)
+        try:
+            if claim:
+                self._fetch(peer, claim, int(self.config.long_poll_s * 1000))
+        finally:
+            with self._lock:
+                self._claimed.difference_update(claim)
+
+    def _probe(self, peer: _Peer) -> None:
+        """The four steps with a peer that is not a source, for shards no other thread is fetching."""
+        theirs = self._versions_of(peer)
+        mine = self.store.version_array()
+        claim = self._claim([i for i in peer.holds if theirs[i] > mine[i]])
+        try:
+            if claim:
+                self._fetch(peer, claim, 0)
+        finally:
+            with self._lock:
+                self._claimed.difference_update(claim)
+
+    def _fetch(self, peer: _Peer, shards: List[int], wait_ms: int) -> None:
+        store, cfg = self.store, self.config
+        mine = store.version_array()
+        asks = [Ask(i, int(mine[i]), *store.known_beyond(i)) for i in shards]
+        peer.chan.send(Kind.DELTA, len(asks), encode_delta_request(asks, wait_ms), cfg.timeout_s)
+        kind, count, body = peer.chan.recv(wait_ms / 1000 + cfg.timeout_s, "a delta request")
+        if kind is not Kind.DELTA_REPLY:
+            raise WireError(f"answered a delta request with {kind.name}")
+        parts = decode_delta_reply(body, count, store.layout)
+        unasked = {d.shard for d in parts} - set(shards)
+        if unasked:
+            raise WireError(f"sent shards {sorted(store.layout.specs[i].key for i in unasked)} it was not asked for")
+        self._count(pulls=1)
+        for d in parts:
+            if store.apply_delta(d):
+                self._count(applied=1, rows_applied=d.n)
+                if self.on_apply is not None:
+                    self.on_apply(store.layout.specs[d.shard].key, store.shards[d.shard].version, d)

@@ -1,0 +1,282 @@
+"""Ekko wire format: a fixed 20-byte header, then bodies laid out by numpy dtypes. Nothing is
+unpickled; every count, shard index, row id, version and size is checked against the job's layout
+before a byte reaches a tensor, and a violation raises `WireError` naming the field.
+
+Header: magic "EKKO", protocol, kind, reserved (0), count, body bytes.
+Bodies (little endian):
+  HELLO          nonce[32] layout digest[32] rank i32 pad[4]
+  AUTH           nonce[32] mac[32] rank i32 pad[4]
+  WELCOME        mac[32]
+  ERROR          utf-8 text
+  VERSIONS       versions i64[count]                          (count = shards in the layout)
+  VERSIONS_REPLY versions i64[count]                          (-1: not held)
+  DELTA          wait_ms u32 pad[4] REQUEST[count] known versions i64[...] known rows i32[...]
+  DELTA_REPLY    PART[count] row versions i64[...] row ids i32[...] pad-to-8 values[...]
+A delta request with wait_ms > 0 is answered once some asked shard has news, or when the wait
+ends. A reply part omits row ids when FULL (rows 0..n-1) and row versions when UNIFORM (all =
+version); row ids are strictly increasing.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fastplan.comm.updates.layout import Layout
+
+HEADER = struct.Struct("<4sBBHIQ")
+MAGIC = b"EKKO"
+PROTOCOL = 1
+HANDSHAKE = struct.Struct("<32s32si4x")
+WELCOME = struct.Struct("<32s")
+WAIT = struct.Struct("<I4x")
+REQUEST = np.dtype([("shard", "<u4"), ("n_known", "<u4"), ("since", "<i8")])
+PART = np.dtype([("shard", "<u4"), ("flags", "<u4"), ("since", "<i8"), ("version", "<i8"), ("n_rows", "<u8")])
+FULL, COMPLETE, UNIFORM = 1, 2, 4
+MAX_ERROR_TEXT = 4096
+REPLY_BYTES = 64 << 20  # a server fills a reply with parts up to this (one part always fits)
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    AUTH = 2
+    WELCOME = 3
+    ERROR = 4
+    VERSIONS = 5
+    VERSIONS_REPLY = 6
+    DELTA = 7
+    DELTA_REPLY = 8
+
+
+class WireError(ValueError):
+    """Bytes that do not follow the format; the message names the field at fault."""
+
+
+@dataclass
+class Delta:
+    """Rows of one shard (layout index) that changed after `since`, bringing a holder to `version`."""
+
+    shard: int
+    since: int
+    version: int
+    rows: Optional[np.ndarray]  # int64, strictly increasing; None when `full` (every row in order)
+    values: np.ndarray  # (n,) raw rows: one np.void element of the shard's row bytes each
+    row_versions: np.ndarray  # int64 (n,)
+    full: bool = False
+    complete: bool = True  # False: a scheduler sent part of it; the holder keeps its shard version
+
+    @property
+    def n(self) -> int:
+        return len(self.row_versions)
+
+
+def max_body(layout: Layout) -> int:
+    """The largest body a node accepts: a full reply, or the largest single full shard."""
+    return max(REPLY_BYTES, layout.largest_shard_bytes) + PART.itemsize * len(layout) + 64
+
+
+def header(kind: Kind, count: int, nbytes: int) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL, int(kind), 0, count, nbytes)
+
+
+def parse_header(data, limit: int) -> Tuple[Kind, int, int]:
+    if len(data) != HEADER.size:
+        raise WireError(f"header: {len(data)} bytes, expected {HEADER.size}")
+    magic, protocol, kind, reserved, count, nbytes = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise WireError(f"header: magic {bytes(magic)!r} is not {MAGIC!r} (not an ekko peer)")
+    if protocol != PROTOCOL:
+        raise WireError(f"header: protocol {protocol}, this node speaks {PROTOCOL}")
+    if kind not in Kind._value2member_map_:
+        raise WireError(f"header: unknown message kind {kind}")
+    if reserved:
+        raise WireError(f"header: reserved field is {reserved}, expected 0")
+    if nbytes > limit:
+        raise WireError(f"header: body of {nbytes} bytes exceeds the limit of {limit}")
+    return Kind(kind), count, nbytes
+
+
+def _need(body, size: int, what: str) -> None:
+    if len(body) != size:
+        raise WireError(f"{what}: body is {len(body)} bytes, its fields need {size}")
+
+
+# ---- handshake --------------------------------------------------------------------------------
+def encode_handshake(nonce: bytes, tag: bytes, rank: int) -> bytes:
+    return HANDSHAKE.pack(nonce, tag, rank)
+
+
+def decode_handshake(body, what: str) -> Tuple[bytes, bytes, int]:
+    _need(body, HANDSHAKE.size, what)
+    return HANDSHAKE.unpack(body)
+
+
+def decode_error(body) -> str:
+    return bytes(body[:MAX_ERROR_TEXT]).decode("utf-8", errors="replace")
+
+
+# ---- versions ---------------------------------------------------------------------------------
+def decode_versions(body, count: int, layout: Layout) -> np.ndarray:
+    if count != len(layout):
+        raise WireError(f"versions: {count} entries for a layout of {len(layout)} shards")
+    _need(body, 8 * count, "versions")
+    versions = np.frombuffer(body, "<i8", count).astype(np.int64)
+    if (versions < -1).any():
+        bad = int(np.flatnonzero(versions < -1)[0])
+        raise WireError(f"versions: shard {layout.specs[bad].key} has version {int(versions[bad])} < -1")
+    return versions
+
+
+# ---- delta requests ---------------------------------------------------------------------------
+@dataclass
+class Ask:
+    """One shard a client asks for: what it holds (`since`) and rows it already has beyond it."""
+
+    shard: int
+    since: int
+    known_rows: np.ndarray  # int64, strictly increasing
+    known_versions: np.ndarray  # int64
+
+
+def encode_delta_request(asks: Sequence[Ask], wait_ms: int = 0) -> List:
+    table = np.zeros(len(asks), REQUEST)
+    for i, a in enumerate(asks):
+        table[i] = (a.shard, len(a.known_rows), a.since)
+    rows = [a.known_rows.astype("<i4") for a in asks if len(a.known_rows)]
+    vers = [a.known_versions.astype("<i8") for a in asks if len(a.known_rows)]
+    return [WAIT.pack(wait_ms), table, *vers, *rows]
+
+
+def _check_rows(rows: np.ndarray, limit: int, what: str) -> None:
+    if rows.size == 0:
+        return
+    if rows.size > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        raise WireError(f"{what}: row ids are not strictly increasing")
+    if rows[0] < 0 or rows[-1] >= limit:
+        raise WireError(f"{what}: row id {int(rows[0] if rows[0] < 0 else rows[-1])} out of range [0, {limit})")
+
+
+def _table(body, dtype: np.dtype, count: int, layout: Layout, what: str) -> np.ndarray:
+    if count > len(layout):
+        raise WireError(f"{what}: {count} entries for a layout of {len(layout)} shards")
+    if len(body) < dtype.itemsize * count:
+        raise WireError(f"{what}: body of {len(body)} bytes is shorter than its {count}-entry table")
+    table = np.frombuffer(body, dtype, count)
+    shards = table["shard"].astype(np.int64)
+    if count and int(shards.max()) >= len(layout):
+        raise WireError(f"{what}: shard index {int(shards.max())} is not in the layout ({len(layout)} shards)")
+    if len(np.unique(shards)) != count:
+        raise WireError(f"{what}: a shard is listed twice")
+    return table
+
+
+def decode_delta_request(body, count: int, layout: Layout) -> Tuple[List[Ask], int]:
+    """The asks and how long (ms) the asker is willing to wait for news."""
+    if len(body) < WAIT.size:
+        raise WireError(f"delta request: body of {len(body)} bytes has no wait field")
+    (wait_ms,) = WAIT.unpack_from(body)
+    body = body[WAIT.size :]
+    table = _table(body, REQUEST, count, layout, "delta request")
+    entries = list(zip(*(table[f].tolist() for f in REQUEST.names)))  # (shard, n_known, since)
+    for shard, n, since in entries:
+        spec = layout.specs[shard]
+        if n > spec.rows:
+            raise WireError(f"delta request, shard {spec.key}: {n} known rows in a shard of {spec.rows}")
+        if since < -1:
+            raise WireError(f"delta request, shard {spec.key}: since {since} < -1")
+    total = sum(n for _, n, _ in entries)
+    off = REQUEST.itemsize * count
+    _need(body, off + 12 * total, "delta request")
+    vers = np.frombuffer(body, "<i8", total, off)
+    rows = np.frombuffer(body, "<i4", total, off + 8 * total)
+    asks, at = [], 0
+    for shard, n, since in entries:
+        r = rows[at : at + n].astype(np.int64)
+        _check_rows(r, layout.specs[shard].rows, f"delta request, shard {layout.specs[shard].key}, known rows")
+        asks.append(Ask(shard, since, r, vers[at : at + n].astype(np.int64)))
+        at += n
+    return asks, wait_ms
+
+
+# ---- delta replies ----------------------------------------------------------------------------
+@dataclass
+class EncodedPart:
+    """One delta as its wire pieces; immutable, so a server may send it to several askers."""
+
+    entry: Tuple[int, int, int, int, int]  # PART fields
+    versions: Optional[np.ndarray]
+    rows: Optional[np.ndarray]
+    values: Optional[np.ndarray]
+    n: int
+    full: bool
+
+
+def encode_part(d: Delta) -> EncodedPart:
+    uniform = d.n == 0 or bool((d.row_versions == d.version).all())
+    flags = (FULL if d.full else 0) | (COMPLETE if d.complete else 0) | (UNIFORM if uniform else 0)
+    return EncodedPart(
+        (d.shard, flags, d.since, d.version, d.n),
+        None if uniform else d.row_versions.astype("<i8", copy=False),
+        d.rows.astype("<i4") if not d.full and d.n else None,
+        np.ascontiguousarray(d.values).view(np.uint8) if d.n else None,
+        d.n,
+        d.full,
+    )
+
+
+def encode_delta_reply(parts: Sequence[EncodedPart]) -> List:
+    """Buffers to send (no copies of the values): part table, versions, row ids, padding, values."""
+    table = np.array([p.entry for p in parts], dtype=PART) if parts else np.zeros(0, PART)
+    n_rows = sum(p.n for p in parts if p.rows is not None)
+    return [table, *(p.versions for p in parts if p.versions is not None), *(p.rows for p in parts if p.rows is not None),
+            bytes(-4 * n_rows % 8), *(p.values for p in parts if p.values is not None)]
+
+
+def decode_delta_reply(body, count: int, layout: Layout) -> List[Delta]:
+    """Deltas whose tensors are views into `body` (valid until the buffer is reused)."""
+    table = _table(body, PART, count, layout, "delta reply")
+    entries = list(zip(*(table[f].tolist() for f in PART.names)))  # (shard, flags, since, version, n)
+    n_vers = n_ids = value_bytes = 0
+    for shard, f, since, version, k in entries:
+        spec = layout.specs[shard]
+        what = f"delta reply, shard {spec.key}"
+        if f & ~(FULL | COMPLETE | UNIFORM):
+            raise WireError(f"{what}: unknown flags {f:#x}")
+        if k > spec.rows or (f & FULL and k != spec.rows):
+            raise WireError(f"{what}: {k} rows for a shard of {spec.rows}{' (full)' if f & FULL else ''}")
+        if version < 0 or since < -1 or (not f & FULL and version <= since):
+            raise WireError(f"{what}: versions since {since} -> {version} do not advance")
+        n_vers += 0 if f & UNIFORM else k
+        n_ids += 0 if f & FULL else k
+        value_bytes += k * spec.row_bytes
+    off_vers = PART.itemsize * count
+    off_ids = off_vers + 8 * n_vers
+    off_vals = off_ids + 4 * n_ids + (-4 * n_ids % 8)
+    _need(body, off_vals + value_bytes, "delta reply")
+    out = []
+    for shard, f, since, version, k in entries:
+        spec = layout.specs[shard]
+        what = f"delta reply, shard {spec.key}"
+        if f & UNIFORM:
+            rv = np.full(k, version, dtype=np.int64)
+        else:
+            rv = np.frombuffer(body, "<i8", k, off_vers)
+            off_vers += 8 * k
+            # rows may be newer than the part's version: a replica relays rows it got from a scheduler's
+            # incomplete deltas, beyond its own shard version
+            low = -1 if f & FULL else since + 1
+            if k and int(rv.min()) < low:
+                raise WireError(f"{what}: row version {int(rv.min())} below {low}")
+        rows = None
+        if not f & FULL:
+            rows = np.frombuffer(body, "<i4", k, off_ids).astype(np.int64)
+            off_ids += 4 * k
+            _check_rows(rows, spec.rows, f"{what}, row ids")
+        values = np.frombuffer(body, np.dtype((np.void, spec.row_bytes)), k, off_vals)
+        off_vals += k * spec.row_bytes
+        out.append(Delta(shard, since, version, rows, values, rv, bool(f & FULL), bool(f & COMPLETE)))
+    return out
