@@ -1,4 +1,4 @@
-"""`fastplan` command line: plan offline, manage the plan cache, explain a plan file, benchmark.
+"""`fastplan` command line: plan (or re-plan) offline, manage the plan cache, explain or diff plan files, benchmark.
 
 Only the standard library is imported up front (`fastplan --help` stays fast); torch and TorchRec are
 imported by the commands that need them.
@@ -26,6 +26,8 @@ EPILOG = {
              "fastplan cache import /shared/plans",
     "explain": "example: fastplan explain model.plan --plot plan.png",
     "bench": "example: fastplan bench --sizes 20 50 500 --world-sizes 8 --torchrec-max 50 --dp-timeout 120 --plot bench.png",
+    "diff": "example: fastplan plan --model fastplan.models:report_model --previous old.plan --out new.plan; "
+            "fastplan diff old.plan new.plan --plot moves.png",
 }
 
 
@@ -136,8 +138,15 @@ def cmd_plan(args) -> int:
     topology = Topology(world_size=args.world_size, compute_device=args.compute_device, **topo_kwargs)
     planner = FastShardingPlanner(topology=topology, batch_size=args.batch_size, constraints=constraints,
                                   cache=_cache(args), debug=False)
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    diff = None
     try:
-        plan = planner.plan(module, [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()])
+        if args.previous:
+            from fastplan.replan_cli import replan_previous
+
+            plan, diff = replan_previous(planner, module, sharders, args, CliError)
+        else:
+            plan = planner.plan(module, sharders)
     except PlannerError as e:
         if str(e).startswith("The reserved topology"):  # TorchRec's storage reservation left nothing per rank
             memory = "--hbm-gb" if args.compute_device == "cuda" else "--ddr-gb"
@@ -147,6 +156,8 @@ def cmd_plan(args) -> int:
         raise
     report = planner.last_report
     print(report.table() if report else "empty plan: the module has no shardable tables")
+    if diff is not None:
+        print(diff.table())
     if args.show_tables:
         print(plan)
     if args.out:
@@ -286,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-tables", action="store_true", help="also print TorchRec's per-table plan")
     p.add_argument("--cache-dir")
     p.set_defaults(fn=cmd_plan)
+    from fastplan.replan_cli import add_diff_command, add_replan_arguments  # standard library and numpy only
+
+    add_replan_arguments(p)
+    add_diff_command(sub, CliError)
 
     c = sub.add_parser("cache", help="list/show/verify/clear/export/import cached plans", epilog=EPILOG["cache"])
     c.add_argument("action", choices=["list", "show", "verify", "clear", "export", "import"])

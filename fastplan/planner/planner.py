@@ -361,6 +361,43 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         all_tables = collect_tables(module, sharders, topo.compute_device, self._batch_size, self._constraints)
         return from_sharding_options(all_tables, options, topo.world_size, topo.local_world_size, topo.intra_group_size)
 
+    # ---- re-planning (fastplan.planner.replan) -----------------------------------------------
+    def replan(
+        self,
+        module: nn.Module,
+        sharders: List[ModuleSharder[nn.Module]],
+        previous_plan: ShardingPlan,
+        *,
+        max_moved_bytes: Optional[int] = None,
+        max_slowdown: float = 0.01,
+    ):
+        """A plan for `module` that starts from `previous_plan` and the `PlanDiff` between them.
+
+        `max_moved_bytes=None`: fewest moved bytes (weights + optimizer state) with max-rank perf
+        within `max_slowdown` of a from-scratch plan. Otherwise: lowest max-rank perf moving at most
+        `max_moved_bytes` (0 keeps every unchanged table exactly where it was)."""
+        from fastplan.planner.replan import replan
+
+        return replan(self, module, sharders, previous_plan, max_moved_bytes, max_slowdown)
+
+    def collective_replan(
+        self,
+        module: nn.Module,
+        sharders: Optional[List[ModuleSharder[nn.Module]]],
+        previous_plan: ShardingPlan,
+        pg: Optional[dist.ProcessGroup] = None,
+        *,
+        max_moved_bytes: Optional[int] = None,
+        max_slowdown: float = 0.01,
+        timeout: Optional[float] = None,
+    ):
+        """`replan` on every rank, ranks agree on the plan hash as in `collective_plan` (`timeout` too)."""
+        from fastplan.planner.replan import collective_replan
+
+        sharders = sharders if sharders is not None else get_default_sharders()
+        return collective_replan(self, module, sharders, previous_plan, pg, timeout,
+                                 max_moved_bytes=max_moved_bytes, max_slowdown=max_slowdown)
+
 
 def _names_unmodelled_sharding(constraints: Optional[Dict[str, ParameterConstraints]]) -> bool:
     return any(c.sharding_types and "grid_shard" in c.sharding_types for c in (constraints or {}).values())

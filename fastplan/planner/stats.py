@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -44,6 +44,10 @@ class PlanReport:
     gap: float
     greedy_makespan: float
     source: str = "planned"  # "planned" or "cache"
+    # A replan (`FastShardingPlanner.replan`) also records what planning from scratch would give.
+    moved_bytes: Optional[int] = None
+    scratch_makespan: Optional[float] = None
+    scratch_moved_bytes: Optional[int] = None
 
     def table(self) -> str:
         gb = 1024**3
