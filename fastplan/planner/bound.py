@@ -29,6 +29,7 @@ from fastplan.planner.search_space import DEVICE, UNIFORM, SearchSpace
 
 CHEAP, LP = "cheap", "LP"
 DEFAULT_TIME_S = 2.0  # LP budget (model building included) when the planner has no timeout
+MIN_GAP = 0.005  # a plan this close to the cheap bound needs no better bound
 SAFETY = 1e-6  # relative margin under the LP optimum, for the solver's feasibility tolerances
 
 
@@ -43,6 +44,11 @@ class Bound:
     seconds: float = 0.0
     status: str = ""  # "optimal", or why the cheap bound is printed
 
+    def note(self) -> str:
+        if self.kind == LP:
+            return f"cheap bound {self.cheap:.6f} ms, LP solved in {self.seconds:.2f} s"
+        return self.status
+
 
 def cheap_bound(cands: Candidates, world_size: int) -> float:
     """Memory ignored: the least total work spread evenly, and never below the largest unavoidable
@@ -53,20 +59,21 @@ def cheap_bound(cands: Candidates, world_size: int) -> float:
 
 
 def plan_bound(space: SearchSpace, cap: np.ndarray, time_limit_s: Optional[float] = DEFAULT_TIME_S,
-               cands: Optional[Candidates] = None) -> Bound:
-    """The LP bound when it solves within `time_limit_s` (None or <= 0: not tried), else the cheap one.
+               makespan: Optional[float] = None, cands: Optional[Candidates] = None) -> Bound:
+    """The LP bound when it solves within `time_limit_s`, else the cheap one. The LP is not tried
+    without a budget (None or <= 0) or for a plan (`makespan`) within MIN_GAP of the cheap bound.
     `cap`: (world_size, 3) bytes per rank of hbm, ddr, ssd."""
     start = time.perf_counter()
     cands = cands or Candidates(space)
     cheap = cheap_bound(cands, space.world_size)
-    if not time_limit_s or time_limit_s <= 0:
-        return Bound(cheap, CHEAP, cheap, status="LP skipped (no time budget)")
-    if not space.tables:
-        return Bound(cheap, CHEAP, cheap, status="LP skipped (no tables)")
+    if not time_limit_s or time_limit_s <= 0 or not space.tables:
+        return Bound(cheap, CHEAP, cheap, status="LP skipped (no time budget)" if space.tables else "no tables")
+    if makespan is not None and makespan - cheap <= MIN_GAP * makespan:
+        return Bound(cheap, CHEAP, cheap, status=f"LP skipped (within {MIN_GAP:.1%} of the cheap bound)")
     lp, status = lp_bound(space, cands, cap, start + time_limit_s)
     seconds = time.perf_counter() - start
     if lp is None:
-        return Bound(cheap, CHEAP, cheap, None, seconds, f"LP {status}")
+        return Bound(cheap, CHEAP, cheap, None, seconds, f"LP {status} after {seconds:.2f} s")
     return Bound(max(lp * (1 - SAFETY), cheap), LP, cheap, lp, seconds, status)
 
 
@@ -141,16 +148,18 @@ def lp_bound(space: SearchSpace, cands: Candidates, cap: np.ndarray, deadline: f
         misfit = (mem[shard] > cap[rank]).any(1)
         x_ub[np.unique(pos[misfit])] = 0.0
 
-    # Other options: identical shards grouped; each group on the classes where one of its shards fits.
+    # Other options: runs of identical shards grouped; each group on the classes where one of its shards fits.
     free = np.flatnonzero(kind != UNIFORM)
     n_y = 0
     if len(free):
         n = count[free]
         shard = np.repeat(space.opt_start[opts[free]], n) + _local(n)
-        key = np.column_stack([np.repeat(free, n), perf[shard], mem[shard]])
-        groups, first, gcount = np.unique(key, axis=0, return_index=True, return_counts=True)
-        gpos = groups[:, 0].astype(np.int64)
-        gshard = shard[first]
+        pos = np.repeat(free, n)
+        same = np.column_stack([perf[shard], mem[shard]])
+        same = (same[1:] == same[:-1]).all(1) & (pos[1:] == pos[:-1])  # as the shard before it
+        first = np.flatnonzero(np.concatenate([[True], ~same]))  # runs of identical shards: the groups
+        gcount = np.diff(np.append(first, len(shard)))
+        gpos, gshard = pos[first], shard[first]
         fits = (mem[gshard][:, None, :] <= ccap[None]).all(2) & ((kind[gpos] == DEVICE)[:, None] | chost[None])
         eligible = fits.sum(1)
         x_ub[np.unique(gpos[eligible == 0])] = 0.0

@@ -32,6 +32,7 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from fastplan.planner.bound import DEFAULT_TIME_S, plan_bound
 from fastplan.planner.enumerator import FastEnumerator
 from fastplan.planner.errors import InfeasiblePlanError
 from fastplan.planner.plan_builder import to_sharding_options, to_sharding_plan
@@ -275,7 +276,8 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         )
         self._best_plan = options
         self._num_proposals = self._num_plans = 1
-        report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start)
+        bound = plan_bound(space, cap, _bound_budget(deadline), result.makespan)
+        report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start, bound)
         self._log_stats(plan, options, sharders, report.planning_seconds)
         if inputs is not None:
             from fastplan.planfile import PlanFile, estimates_from_options
@@ -329,6 +331,15 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         options = self._enumerator.enumerate(module=module, sharders=sharders)
         all_tables = collect_tables(module, sharders, topo.compute_device, self._batch_size, self._constraints)
         return from_sharding_options(all_tables, options, topo.world_size, topo.local_world_size, topo.intra_group_size)
+
+
+def _bound_budget(deadline: Optional[float]) -> float:
+    """Seconds for the report's LP bound: DEFAULT_TIME_S, at most what is left of the planner's
+    timeout, and none when that is under a tenth of a second."""
+    if deadline is None:
+        return DEFAULT_TIME_S
+    left = deadline - time.monotonic()
+    return min(DEFAULT_TIME_S, left) if left >= 0.1 else 0.0
 
 
 def _batch_size_default() -> int:
