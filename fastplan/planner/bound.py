@@ -59,17 +59,20 @@ def cheap_bound(cands: Candidates, world_size: int) -> float:
 
 
 def plan_bound(space: SearchSpace, cap: np.ndarray, time_limit_s: Optional[float] = DEFAULT_TIME_S,
-               makespan: Optional[float] = None, cands: Optional[Candidates] = None) -> Bound:
-    """The LP bound when it solves within `time_limit_s`, else the cheap one. The LP is not tried
-    without a budget (None or <= 0) or for a plan (`makespan`) within MIN_GAP of the cheap bound.
-    `cap`: (world_size, 3) bytes per rank of hbm, ddr, ssd."""
+               makespan: Optional[float] = None, cheap: Optional[float] = None,
+               cands: Optional[Candidates] = None) -> Bound:
+    """The LP bound when it solves within `time_limit_s`, else the cheap one (`cheap` if the caller
+    has it). The LP is not tried without a budget (None or <= 0) or for a plan (`makespan`) within
+    MIN_GAP of the cheap bound. `cap`: (world_size, 3) bytes per rank of hbm, ddr, ssd."""
     start = time.perf_counter()
-    cands = cands or Candidates(space)
-    cheap = cheap_bound(cands, space.world_size)
+    if cheap is None:
+        cands = cands or Candidates(space)
+        cheap = cheap_bound(cands, space.world_size)
     if not time_limit_s or time_limit_s <= 0 or not space.tables:
         return Bound(cheap, CHEAP, cheap, status="LP skipped (no time budget)" if space.tables else "no tables")
     if makespan is not None and makespan - cheap <= MIN_GAP * makespan:
         return Bound(cheap, CHEAP, cheap, status=f"LP skipped (within {MIN_GAP:.1%} of the cheap bound)")
+    cands = cands or Candidates(space)
     lp, status = lp_bound(space, cands, cap, start + time_limit_s)
     seconds = time.perf_counter() - start
     if lp is None:

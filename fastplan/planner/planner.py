@@ -276,7 +276,7 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         )
         self._best_plan = options
         self._num_proposals = self._num_plans = 1
-        bound = plan_bound(space, cap, _bound_budget(deadline), result.makespan)
+        bound = plan_bound(space, cap, _bound_budget(deadline), result.makespan, result.lower_bound)
         report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start, bound)
         self._log_stats(plan, options, sharders, report.planning_seconds)
         if inputs is not None:

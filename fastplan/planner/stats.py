@@ -48,6 +48,7 @@ class PlanReport:
     bound: str = CHEAP  # which bound `lower_bound` is: "LP" (the LP relaxation) or "cheap"
     cheap_bound: Optional[float] = None
     bound_note: str = ""  # why the LP bound is not the one printed, or how long it took
+    bound_seconds: float = 0.0  # spent on the LP bound (part of planning_seconds)
 
     def table(self) -> str:
         gb = 1024**3
@@ -102,6 +103,7 @@ def build_report(
         bound=CHEAP if bound is None else bound.kind,
         cheap_bound=result.lower_bound,
         bound_note="" if bound is None else bound.note(),
+        bound_seconds=0.0 if bound is None else bound.seconds,
     )
 
 
