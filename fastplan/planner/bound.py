@@ -128,7 +128,7 @@ def lp_bound(space: SearchSpace, cands: Candidates, cap: np.ndarray, deadline: f
     rows = _Rows()
     load0 = rows.new(C, -np.inf, 0.0)
     rows.add(load0 + np.arange(C), T, -csize)
-    mem0 = rows.new(3 * C, -np.inf, 1.0)  # row load0 + C + 3 c + tier, scaled by n_c cap
+    mem0 = rows.new(3 * C, -np.inf, 1.0)  # row mem0 + 3 c + tier, bytes scaled by 1 / (n_c cap)
     mem_scale = np.where(ccap > 0, 1.0 / np.maximum(csize[:, None] * ccap, 1), 0.0)  # no tier: no shard fits
 
     def charge(pos, c, n, p, m):

@@ -276,7 +276,8 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         )
         self._best_plan = options
         self._num_proposals = self._num_plans = 1
-        bound = plan_bound(space, cap, _bound_budget(deadline), result.makespan, result.lower_bound)
+        bound = plan_bound(space, cap, _bound_budget(deadline, time.perf_counter() - start), result.makespan,
+                           result.lower_bound)
         report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start, bound)
         self._log_stats(plan, options, sharders, report.planning_seconds)
         if inputs is not None:
@@ -333,13 +334,14 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         return from_sharding_options(all_tables, options, topo.world_size, topo.local_world_size, topo.intra_group_size)
 
 
-def _bound_budget(deadline: Optional[float]) -> float:
-    """Seconds for the report's LP bound: DEFAULT_TIME_S, at most what is left of the planner's
-    timeout, and none when that is under a tenth of a second."""
+def _bound_budget(deadline: Optional[float], spent: float) -> float:
+    """Seconds for the report's LP bound: DEFAULT_TIME_S or a quarter of the time planning took so
+    far, whichever is more, at most what is left of the planner's timeout, none if under 0.1 s."""
+    budget = max(DEFAULT_TIME_S, 0.25 * spent)
     if deadline is None:
-        return DEFAULT_TIME_S
+        return budget
     left = deadline - time.monotonic()
-    return min(DEFAULT_TIME_S, left) if left >= 0.1 else 0.0
+    return min(budget, left) if left >= 0.1 else 0.0
 
 
 def _batch_size_default() -> int:
