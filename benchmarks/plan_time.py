@@ -52,7 +52,12 @@ class Row:
     warm_ms: Optional[float] = None
     cli_seconds: Optional[float] = None
     cli_status: str = "ok"
-    lower_bound: Optional[float] = None  # fastplan's bound on max-rank perf
+    lower_bound: Optional[float] = None  # the bound fastplan's report prints (LP or cheap)
+    cheap_bound: Optional[float] = None  # total work / ranks, largest unavoidable shard
+    lp_bound: Optional[float] = None  # the LP relaxation's (None: not solved in 120 s)
+    lp_seconds: Optional[float] = None  # time it took
+    lp_in_plan: Optional[bool] = None  # plan() computed it (else the benchmark did, untimed)
+    model_perf: Optional[float] = None  # fastplan's max-rank perf on its own cost model
     rss_before_plan_mb: Optional[float] = None  # fastplan process after imports and model, before plan()
     deterministic: Optional[bool] = None  # the same fastplan plan in every repeat
     plans: Dict[str, dict] = field(default_factory=dict, repr=False)
@@ -207,6 +212,8 @@ def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
                            peak_rss_mb=max(r.peak_rss_mb for r, _ in results))
         row.warm_ms = statistics.median(res["warm_seconds"] for _, res in results) * 1000
         row.lower_bound, row.rss_before_plan_mb = first["lower_bound"], first["rss_before_plan_mb"]
+        for key in ("cheap_bound", "lp_bound", "lp_seconds", "lp_in_plan", "model_perf"):
+            setattr(row, key, first[key])
         row.deterministic = all(res["plan"] == first["plan"] for _, res in results)
         row.plans["fastplan"] = first["plan"]
     clis = [time_cli(spec, world, args.fastplan_timeout, work) for _ in range(args.repeats)]
@@ -246,7 +253,8 @@ def _ratio(a: Optional[float], b: Optional[float], fmt: str) -> str:
 # (group, [(title, width)]); a group whose planner has no plan prints its status across the group.
 GROUPS = [
     ("", [("tables", 6), ("ranks", 5)]),
-    ("fastplan", [("cold s", 8), ("warm ms", 8), ("CLI s", 8), ("RSS MB", 7), ("perf/LB", 8)]),
+    ("fastplan", [("cold s", 8), ("warm ms", 8), ("CLI s", 8), ("RSS MB", 7), ("perf/LB", 8), ("gap%cheap", 9),
+                  ("gap%LP", 7), ("LP s", 6)]),
     (BASELINES["torchrec"], [("time s", 8), ("speedup", 8), ("perf/fast", 9), ("RSS MB", 7)]),
     (BASELINES["dp"], [("time s", 8), ("speedup", 8), ("perf/fast", 9), ("RSS MB", 7)]),
 ]
@@ -276,7 +284,9 @@ def format_row(r: Row) -> str:
     f = r.fastplan
     if f.status == "ok":
         cli = _f(r.cli_seconds, ".2f") if r.cli_status == "ok" else r.cli_status.split(" ")[0]
-        fast = [_f(f.seconds, ".3f"), _f(r.warm_ms, ".1f"), cli, _f(f.peak_rss_mb, ".0f"), _ratio(f.perf, r.lower_bound, ".5f")]
+        fast = [_f(f.seconds, ".3f"), _f(r.warm_ms, ".1f"), cli, _f(f.peak_rss_mb, ".0f"), _ratio(f.perf, r.lower_bound, ".5f"),
+                _gap(r.model_perf, r.cheap_bound), _gap(r.model_perf, r.lp_bound),
+                _f(r.lp_seconds, ".2f") + ("" if r.lp_in_plan or r.lp_seconds is None else "*")]
     else:
         fast = [_status(f)]
     groups = [[str(r.tables), str(r.ranks)], fast]
@@ -288,6 +298,10 @@ def format_row(r: Row) -> str:
             groups.append([_f(b.seconds, ".1f"), _speedup(b.seconds, f.seconds), _ratio(b.perf, f.perf, ".5f"),
                            _f(b.peak_rss_mb, ".0f")])
     return _line(groups)
+
+
+def _gap(perf: Optional[float], bound: Optional[float]) -> str:
+    return "-" if perf is None or bound is None or not perf else f"{100 * (perf - bound) / perf:.3f}"
 
 
 def _speedup(theirs: Optional[float], ours: Optional[float]) -> str:
@@ -313,7 +327,10 @@ def legend(rows: List[Row], repeats: int) -> str:
         "RSS: peak resident memory of the planning process (interpreter, imports, model, planning)"
         + (f"; fastplan's process holds {_span(before)} MB just before plan()" if before else ""),
         "speedup: baseline time / fastplan cold; perf/fast: baseline max-rank perf / fastplan's (TorchRec's "
-        "estimators, > 1 is worse than fastplan); perf/LB: fastplan's max-rank perf / its lower bound",
+        "estimators, > 1 is worse than fastplan); perf/LB: fastplan's max-rank perf / the bound its report prints",
+        "gap%cheap, gap%LP: (max-rank perf - bound) / max-rank perf on fastplan's cost model, against the cheap bound "
+        "(total work / ranks, largest unavoidable shard) and the LP relaxation (fastplan.planner.bound); LP s: its "
+        "time inside plan(), * where plan() skipped it (plan within 0.5% of the cheap bound) and it was solved after",
     ]
     unstable = [f"{r.tables}/{r.ranks}" for r in rows if r.deterministic is False]
     if unstable:

@@ -48,8 +48,10 @@ def test_table_keeps_its_columns_when_a_baseline_is_skipped_or_killed(tmp_path):
     assert ids.split() == ["6", "2"]
     assert torchrec == "skipped (cap 0 tables)"
     assert dp.startswith("timeout > 0.5 s, RSS ")
-    assert titles.split(" | ")[1].split() == ["cold", "s", "warm", "ms", "CLI", "s", "RSS", "MB", "perf/LB"]
-    cold, warm_ms, cli, rss, perf_over_bound = map(float, fast.split())
+    assert titles.split(" | ")[1].split() == ["cold", "s", "warm", "ms", "CLI", "s", "RSS", "MB", "perf/LB",
+                                              "gap%cheap", "gap%LP", "LP", "s"]
+    cold, warm_ms, cli, rss, perf_over_bound, gap_cheap, gap_lp = map(float, fast.split()[:7])
+    assert 0 <= gap_lp <= gap_cheap
     assert 0 < cold < cli and warm_ms > 0 and rss > 100
     assert perf_over_bound >= 1 - 1e-9  # TorchRec's estimate of fastplan's plan is not below fastplan's bound
     assert row.fastplan.perf == pytest.approx(perf_over_bound * row.lower_bound, rel=1e-5)

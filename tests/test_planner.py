@@ -167,6 +167,15 @@ def test_debug_report_lists_every_rank_and_the_gap(caplog):
     assert "gap" in caplog.text and "rank" in caplog.text
 
 
+def test_report_prints_the_lp_bound_when_the_cheap_one_is_far_from_the_plan():
+    p = planner(world=64)
+    p.plan(ebc(report_tables(100)), SHARDERS)
+    report = p.last_report
+    assert report.bound == "LP" and report.cheap_bound < report.lower_bound <= report.makespan
+    assert report.gap < (report.makespan - report.cheap_bound) / report.makespan
+    assert "LP lower bound" in report.table() and "cheap bound" in report.table()
+
+
 def test_custom_enumerator_is_used():
     topology = Topology(world_size=4, compute_device="cuda")
     calls = []

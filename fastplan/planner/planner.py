@@ -33,6 +33,7 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from fastplan.planner.bound import DEFAULT_TIME_S, plan_bound
 from fastplan.planner.enumerator import FastEnumerator
 from fastplan.planner.errors import InfeasiblePlanError
 from fastplan.planner.plan_builder import to_sharding_options, to_sharding_plan
@@ -306,7 +307,9 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         )
         self._best_plan = options
         self._num_proposals = self._num_plans = 1
-        report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start)
+        bound = plan_bound(space, cap, _bound_budget(deadline, time.perf_counter() - start), result.makespan,
+                           result.lower_bound)
+        report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start, bound)
         self._log_stats(plan, options, sharders, report.planning_seconds)
         if inputs is not None:
             from fastplan.planfile import PlanFile, estimates_from_options
@@ -401,6 +404,16 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
 
 def _names_unmodelled_sharding(constraints: Optional[Dict[str, ParameterConstraints]]) -> bool:
     return any(c.sharding_types and "grid_shard" in c.sharding_types for c in (constraints or {}).values())
+
+
+def _bound_budget(deadline: Optional[float], spent: float) -> float:
+    """Seconds for the report's LP bound: DEFAULT_TIME_S or a quarter of the time planning took so
+    far, whichever is more, at most what is left of the planner's timeout, none if under 0.1 s."""
+    budget = max(DEFAULT_TIME_S, 0.25 * spent)
+    if deadline is None:
+        return budget
+    left = deadline - time.monotonic()
+    return min(budget, left) if left >= 0.1 else 0.0
 
 
 def _batch_size_default() -> int:

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from fastplan.planner.bound import CHEAP, Bound
 from fastplan.planner.search import SearchResult
 from fastplan.planner.search_space import SearchSpace
 
@@ -44,6 +45,10 @@ class PlanReport:
     gap: float
     greedy_makespan: float
     source: str = "planned"  # "planned" or "cache"
+    bound: str = CHEAP  # which bound `lower_bound` is: "LP" (the LP relaxation) or "cheap"
+    cheap_bound: Optional[float] = None
+    bound_note: str = ""  # why the LP bound is not the one printed, or how long it took
+    bound_seconds: float = 0.0  # spent on the LP bound (part of planning_seconds)
     # A replan (`FastShardingPlanner.replan`) also records what planning from scratch would give.
     moved_bytes: Optional[int] = None
     scratch_makespan: Optional[float] = None
@@ -54,8 +59,9 @@ class PlanReport:
         lines = [
             f"fastplan: {self.num_tables} tables on {len(self.ranks)} ranks, planned in "
             f"{self.planning_seconds * 1000:.1f} ms ({self.source})",
-            f"max-rank perf {self.makespan:.6f} ms, lower bound {self.lower_bound:.6f} ms, "
-            f"gap {self.gap * 100:.3f}% (greedy {self.greedy_makespan:.6f} ms)",
+            f"max-rank perf {self.makespan:.6f} ms, {self.bound} lower bound {self.lower_bound:.6f} ms, "
+            f"gap {self.gap * 100:.3f}% (greedy {self.greedy_makespan:.6f} ms)"
+            + (f"; {self.bound_note}" if self.bound_note else ""),
             f"{'rank':>4} {'perf (ms)':>12} {'HBM (GB)':>18} {'DDR (GB)':>18} {'tables':>6}  shards",
         ]
         for r in self.ranks:
@@ -73,7 +79,9 @@ def build_report(
     hbm_cap: np.ndarray,
     ddr_cap: np.ndarray,
     planning_seconds: float,
+    bound: Optional[Bound] = None,
 ) -> PlanReport:
+    """`bound`: the lower bound to print (default: the search's cheap bound)."""
     W = space.world_size
     ranks = [RankStats(r, 0.0, 0, 0, int(hbm_cap[r]), int(ddr_cap[r])) for r in range(W)]
     total = space.shard_total
@@ -93,7 +101,15 @@ def build_report(
         num_tables=len(space.tables),
         planning_seconds=planning_seconds,
         makespan=result.makespan,
-        lower_bound=result.lower_bound,
-        gap=result.gap,
+        lower_bound=result.lower_bound if bound is None else bound.value,
+        gap=result.gap if bound is None else _gap(result.makespan, bound.value),
         greedy_makespan=result.greedy_makespan,
+        bound=CHEAP if bound is None else bound.kind,
+        cheap_bound=result.lower_bound,
+        bound_note="" if bound is None else bound.note(),
+        bound_seconds=0.0 if bound is None else bound.seconds,
     )
+
+
+def _gap(makespan: float, bound: float) -> float:
+    return 0.0 if makespan <= 0 else max(0.0, (makespan - bound) / makespan)

@@ -1,0 +1,232 @@
+"""Lower bounds on the max-rank perf of any plan: the LP relaxation of the placement problem
+(identical ranks aggregated, solved with OR-Tools GLOP) and the cheap bound it falls back to.
+
+The LP, on rank classes c (ranks with the same capacities and the same host membership; n_c ranks):
+  x_o in [0, 1]: how much of option o its table takes, sum over a table's options = 1;
+  y_gc >= 0: shards of an identical-shard group g (of a non-uniform option) on class c, sum_c y_gc = count_g x_o
+    (no y when only one class can hold the group: then all count_g x_o shards are on it);
+  load:   sum over ranks of c of uniform shards x_o + sum_g p_g y_gc <= n_c T      (every class c)
+  memory: the same sums in bytes <= n_c cap_c, per tier; a shard never goes where it alone does not fit;
+  shard:  T >= sum_{o of t} x_o (largest shard of o) + U - (own uniform part of U)  (every table t),
+          U = sum over uniform options with a shard on every rank of x_o (smallest shard of o);
+  minimise T.
+Why it is a lower bound: every plan is a feasible point with T = its makespan (x = the chosen options,
+y = its shard counts per class); class sums of rank loads and bytes are at most n_c times the largest
+and n_c times the capacity; and the rank holding table t's largest shard also holds one shard of every
+other chosen all-rank uniform option. So the LP minimum is at most every plan's makespan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from fastplan.planner.candidates import Candidates
+from fastplan.planner.search_space import DEVICE, UNIFORM, SearchSpace
+
+CHEAP, LP = "cheap", "LP"
+DEFAULT_TIME_S = 2.0  # LP budget (model building included) when the planner has no timeout
+MIN_GAP = 0.005  # a plan this close to the cheap bound needs no better bound
+SAFETY = 1e-6  # relative margin under the LP optimum, for the solver's feasibility tolerances
+
+
+@dataclass
+class Bound:
+    """The bound a report prints (`kind` says which) and what was tried."""
+
+    value: float
+    kind: str  # LP or CHEAP
+    cheap: float
+    lp: Optional[float] = None  # the LP optimum itself (None: not solved)
+    seconds: float = 0.0
+    status: str = ""  # "optimal", or why the cheap bound is printed
+
+    def note(self) -> str:
+        if self.kind == LP:
+            return f"cheap bound {self.cheap:.6f} ms, LP solved in {self.seconds:.2f} s"
+        return self.status
+
+
+def cheap_bound(cands: Candidates, world_size: int) -> float:
+    """Memory ignored: the least total work spread evenly, and never below the largest unavoidable
+    single shard (the search's own bound)."""
+    from fastplan.planner.search import lower_bound
+
+    return lower_bound(cands, world_size)
+
+
+def plan_bound(space: SearchSpace, cap: np.ndarray, time_limit_s: Optional[float] = DEFAULT_TIME_S,
+               makespan: Optional[float] = None, cheap: Optional[float] = None,
+               cands: Optional[Candidates] = None) -> Bound:
+    """The LP bound when it solves within `time_limit_s`, else the cheap one (`cheap` if the caller
+    has it). The LP is not tried without a budget (None or <= 0) or for a plan (`makespan`) within
+    MIN_GAP of the cheap bound. `cap`: (world_size, 3) bytes per rank of hbm, ddr, ssd."""
+    start = time.perf_counter()
+    if cheap is None:
+        cands = cands or Candidates(space)
+        cheap = cheap_bound(cands, space.world_size)
+    if not time_limit_s or time_limit_s <= 0 or not space.tables:
+        return Bound(cheap, CHEAP, cheap, status="LP skipped (no time budget)" if space.tables else "no tables")
+    if makespan is not None and makespan - cheap <= MIN_GAP * makespan:
+        return Bound(cheap, CHEAP, cheap, status=f"LP skipped (within {MIN_GAP:.1%} of the cheap bound)")
+    cands = cands or Candidates(space)
+    lp, status = lp_bound(space, cands, cap, start + time_limit_s)
+    seconds = time.perf_counter() - start
+    if lp is None:
+        return Bound(cheap, CHEAP, cheap, None, seconds, f"LP {status} after {seconds:.2f} s")
+    return Bound(max(lp * (1 - SAFETY), cheap), LP, cheap, lp, seconds, status)
+
+
+def rank_classes(space: SearchSpace, cap: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per rank its class; per class its capacity (C, 3), size and whether its ranks are in a host."""
+    in_host = np.arange(space.world_size) < space.num_hosts * space.host_size
+    keys, of_rank, size = np.unique(np.column_stack([cap, in_host]), axis=0, return_inverse=True, return_counts=True)
+    return of_rank.ravel(), keys[:, :3], size, keys[:, 3].astype(bool)
+
+
+class _Rows:
+    """A sparse matrix as (row, column, value) triplets with per-row bounds."""
+
+    def __init__(self) -> None:
+        self.r: List[np.ndarray] = []
+        self.c: List[np.ndarray] = []
+        self.v: List[np.ndarray] = []
+        self.lo: List[float] = []
+        self.hi: List[float] = []
+
+    def new(self, n: int, lo: float, hi: float) -> int:
+        first = len(self.lo)
+        self.lo += [lo] * n
+        self.hi += [hi] * n
+        return first
+
+    def add(self, rows, cols, vals) -> None:
+        rows, cols, vals = np.broadcast_arrays(np.asarray(rows), np.asarray(cols), np.asarray(vals, dtype=float))
+        keep = vals != 0
+        self.r.append(rows[keep].ravel())
+        self.c.append(cols[keep].ravel())
+        self.v.append(vals[keep].ravel())
+
+
+def lp_bound(space: SearchSpace, cands: Candidates, cap: np.ndarray, deadline: float) -> Tuple[Optional[float], str]:
+    """The LP optimum (perf units of `cands.perf`), or None and why not (infeasible, out of time)."""
+    W = space.world_size
+    perf, mem = cands.perf, space.shard_mem
+    cls, ccap, csize, chost = rank_classes(space, cap)
+    C = len(csize)
+    opts = np.concatenate(cands.by_table)
+    n_x = len(opts)
+    table = np.repeat(np.arange(len(cands.by_table)), [len(o) for o in cands.by_table])
+    kind = space.opt_placement[opts]
+    count = space.opt_count[opts]
+    scale = max(cheap_bound(cands, W), float(perf.max(initial=0.0)) * 1e-6, 1e-30)  # T near 1
+    T, U, X = 0, 1, 2  # variable columns: T, U, then x, then y
+    x_ub = np.ones(n_x)
+    rows = _Rows()
+    load0 = rows.new(C, -np.inf, 0.0)
+    rows.add(load0 + np.arange(C), T, -csize)
+    mem0 = rows.new(3 * C, -np.inf, 1.0)  # row mem0 + 3 c + tier, bytes scaled by 1 / (n_c cap)
+    mem_scale = np.where(ccap > 0, 1.0 / np.maximum(csize[:, None] * ccap, 1), 0.0)  # no tier: no shard fits
+
+    def charge(pos, c, n, p, m):
+        """n shards of perf p and bytes m (per entry) from column pos onto class c."""
+        rows.add(load0 + c, pos, n * p / scale)
+        rows.add(mem0 + 3 * c[:, None] + np.arange(3), pos[:, None], (n[:, None] * m) * mem_scale[c])
+
+    # Uniform options: shard i on rank i.
+    uni = np.flatnonzero(kind == UNIFORM)
+    if len(uni):
+        n = count[uni]
+        shard = np.repeat(space.opt_start[opts[uni]], n) + _local(n)
+        rank = _local(n)
+        pos = np.repeat(uni, n)
+        cell = pos * C + cls[rank]  # (option, class), summed before it enters the model
+        total = lambda w: np.bincount(cell, weights=w, minlength=n_x * C)  # noqa: E731
+        used = np.flatnonzero(np.bincount(cell, minlength=n_x * C))
+        sums = np.column_stack([total(perf[shard])] + [total(mem[shard, k].astype(float)) for k in range(3)])[used]
+        charge(X + used // C, used % C, np.ones(len(used)), sums[:, 0], sums[:, 1:])
+        misfit = (mem[shard] > cap[rank]).any(1)
+        x_ub[np.unique(pos[misfit])] = 0.0
+
+    # Other options: runs of identical shards grouped; each group on the classes where one of its shards fits.
+    free = np.flatnonzero(kind != UNIFORM)
+    n_y = 0
+    if len(free):
+        n = count[free]
+        shard = np.repeat(space.opt_start[opts[free]], n) + _local(n)
+        pos = np.repeat(free, n)
+        same = np.column_stack([perf[shard], mem[shard]])
+        same = (same[1:] == same[:-1]).all(1) & (pos[1:] == pos[:-1])  # as the shard before it
+        first = np.flatnonzero(np.concatenate([[True], ~same]))  # runs of identical shards: the groups
+        gcount = np.diff(np.append(first, len(shard)))
+        gpos, gshard = pos[first], shard[first]
+        fits = (mem[gshard][:, None, :] <= ccap[None]).all(2) & ((kind[gpos] == DEVICE)[:, None] | chost[None])
+        eligible = fits.sum(1)
+        x_ub[np.unique(gpos[eligible == 0])] = 0.0
+        one = np.flatnonzero(eligible == 1)
+        charge(X + gpos[one], np.argmax(fits[one], 1), gcount[one], perf[gshard[one]], mem[gshard[one]])
+        many = np.flatnonzero(eligible > 1)
+        g, c = np.nonzero(fits[many])
+        g = many[g]
+        n_y = len(g)
+        ycol = X + n_x + np.arange(n_y)
+        charge(ycol, c, np.ones(n_y), perf[gshard[g]], mem[gshard[g]])
+        link = rows.new(len(many), 0.0, 0.0)
+        rows.add(link + np.searchsorted(many, g), ycol, 1.0)
+        rows.add(link + np.arange(len(many)), X + gpos[many], -gcount[many])
+
+    # Each table takes one option, and its largest shard shares a rank with all-rank uniform shards.
+    tabs = len(cands.by_table)
+    one_row = rows.new(tabs, 1.0, 1.0)
+    rows.add(one_row + table, X + np.arange(n_x), 1.0)
+    smallest = np.minimum.reduceat(perf, space.opt_start)[opts] if len(perf) else np.zeros(n_x)
+    on_all = np.where((kind == UNIFORM) & (count == W), smallest, 0.0) / scale
+    u_row = rows.new(1, 0.0, 0.0)
+    rows.add(u_row, np.concatenate([[U], X + np.arange(n_x)]), np.concatenate([[1.0], -on_all]))
+    shard_row = rows.new(tabs, -np.inf, 0.0)
+    rows.add(shard_row + table, X + np.arange(n_x), cands.max_shard[opts] / scale - on_all)
+    rows.add(shard_row + np.arange(tabs), U, 1.0)
+    rows.add(shard_row + np.arange(tabs), T, -1.0)
+
+    n_var = X + n_x + n_y
+    ub = np.concatenate([[np.inf, np.inf], x_ub, np.full(n_y, np.inf)])
+    left = deadline - time.perf_counter()
+    if left <= 0:
+        return None, "out of time (building the model)"
+    value, status = _solve_glop(rows, n_var, ub, left)
+    return (None, status) if value is None else (value * scale, status)
+
+
+def _local(counts: np.ndarray) -> np.ndarray:
+    """0 .. count-1 for each count, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _solve_glop(rows: _Rows, n_var: int, ub: np.ndarray, time_limit_s: float) -> Tuple[Optional[float], str]:
+    from ortools.linear_solver import linear_solver_pb2 as pb
+    from ortools.linear_solver.python import model_builder_helper as mbh
+
+    r, c, v = (np.concatenate(a) for a in (rows.r, rows.c, rows.v))
+    cell, where = np.unique(r.astype(np.int64) * n_var + c, return_inverse=True)  # sorted by row; repeats added
+    v = np.bincount(where.ravel(), weights=v, minlength=len(cell)).tolist()
+    r, c = cell // n_var, (cell % n_var).tolist()
+    bounds = np.searchsorted(r, np.arange(len(rows.lo) + 1)).tolist()
+    model = pb.MPModelProto()
+    inf = float("inf")
+    for j in range(n_var):
+        model.variable.add(lower_bound=0.0, upper_bound=float(ub[j]), objective_coefficient=1.0 if j == 0 else 0.0)
+    for i, (lo, hi) in enumerate(zip(rows.lo, rows.hi)):
+        a, b = bounds[i], bounds[i + 1]
+        model.constraint.add(var_index=c[a:b], coefficient=v[a:b], lower_bound=-inf if lo == -np.inf else lo,
+                             upper_bound=hi)
+    request = pb.MPModelRequest(model=model, solver_type=pb.MPModelRequest.GLOP_LINEAR_PROGRAMMING,
+                                solver_time_limit_seconds=time_limit_s)
+    response = pb.MPSolutionResponse.FromString(
+        mbh.ModelSolverHelper("glop").solve_serialized_request(request.SerializeToString()))
+    if response.status == pb.MPSOLVER_OPTIMAL:
+        return response.objective_value, "optimal"
+    name = pb.MPSolverResponseStatus.Name(response.status)
+    return None, "out of time" if name in ("MPSOLVER_NOT_SOLVED", "MPSOLVER_FEASIBLE") else name.lower()
