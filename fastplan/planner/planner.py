@@ -310,6 +310,12 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         bound = plan_bound(space, cap, _bound_budget(deadline, time.perf_counter() - start), result.makespan,
                            result.lower_bound)
         report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start, bound)
+        self._record(plan, report, options, sharders, inputs)
+        return plan
+
+    def _record(self, plan: ShardingPlan, report: PlanReport, options: List[ShardingOption], sharders,
+                inputs: Optional["PlanInputs"]) -> None:
+        """A plan just made: to Stats, to its plan file and the cache (when cacheable), then the report."""
         self._log_stats(plan, options, sharders, report.planning_seconds)
         if inputs is not None:
             from fastplan.planfile import PlanFile, estimates_from_options
@@ -318,7 +324,6 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
             self.last_plan_file = PlanFile(plan, report, inputs.to_raw(), inputs.key, estimates)
             self.cache.put(inputs.key, plan, report=report, estimates=estimates)
         self._finish(report)
-        return plan
 
     def _log_stats(self, plan: ShardingPlan, options: List[ShardingOption], sharders, run_time: float) -> None:
         for stat in self._stats:

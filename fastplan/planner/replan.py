@@ -146,14 +146,7 @@ def _replan_tables(planner, module, sharders, tables, states, previous, max_move
     report.moved_bytes, report.scratch_makespan, report.scratch_moved_bytes = (
         result.moved, scratch.makespan, result.scratch_moved)
     report.source = f"replanned ({result.source})"
-    planner._log_stats(plan, options, sharders, report.planning_seconds)
-    if inputs is not None:
-        from fastplan.planfile import PlanFile, estimates_from_options
-
-        estimates = estimates_from_options(options)
-        planner.last_plan_file = PlanFile(plan, report, inputs.to_raw(), inputs.key, estimates)
-        planner.cache.put(inputs.key, plan, report=report, estimates=estimates)
-    planner._finish(report)
+    planner._record(plan, report, options, sharders, inputs)
     return plan, _diff(previous, plan, states, topo.world_size, report)
 
 
