@@ -204,3 +204,18 @@ def test_callbacks_and_torchrec_stats_receive_the_chosen_sharding_options():
     assert sorted(name for name, _, _ in seen) == sorted(f"table_{i}" for i in range(12))
     for name, sharding_type, ranks in seen:
         assert plan.plan[""][name].sharding_type == sharding_type and plan.plan[""][name].ranks == ranks
+
+
+def test_it_is_torchrecs_planner_with_the_state_tools_read_after_plan():
+    from torchrec.distributed.planner.stats import EmbeddingStats
+
+    p = FastShardingPlanner(topology=Topology(world_size=4, compute_device="cuda"), cache=None)
+    assert isinstance(p, EmbeddingShardingPlanner)
+    assert [type(s) for s in p._stats] == [EmbeddingStats]  # TorchRec's default Stats
+    module = ebc(report_tables(10))
+    plan = p.plan(module, SHARDERS)
+    assert p._num_proposals == p._num_plans == 1
+    assert sorted(so.name for so in p._best_plan) == sorted(plan.plan[""])
+    assert {so.name for so in p._enumerator.last_stored_search_space} == set(plan.plan[""])
+    assert p._stats[0]._stats_table and p._stats[0]._stats_table[0].startswith("####")
+    assert isinstance(p.hash_planner_context_inputs(), int) and p.hash_planner_context_inputs_str()
