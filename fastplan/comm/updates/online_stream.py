@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from fastplan.comm.updates.replication import quiet, rendezvous, usage, wait_keys
+from fastplan.comm.updates.replication import quiet, reap, rendezvous, usage, wait_keys
 
 TRAINERS = 2
 PREFIX = "online"
@@ -257,11 +257,7 @@ def run_online(cfg: OnlineConfig, timeout_s: float = 300) -> Dict:
                 what = f"exited with {[(k, procs[k].exitcode) for k in dead]}" if dead else f"did not report in {timeout_s} s"
                 raise RuntimeError(f"online run failed: {what if dead else sorted(set(procs) - reported)} {'' if dead else what}")
     finally:
-        for p in procs.values():
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        reap(procs.values())
         del master
     return results
 

@@ -278,13 +278,18 @@ def run_stream(cfg: StreamConfig) -> Dict:
             else:
                 results["replicas"][rank] = data
     finally:
-        for p in procs.values():
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        reap(procs.values())
         del master
     return results
+
+
+def reap(procs) -> None:
+    """Join each child process, killing those still alive after 10 s."""
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def propagation_latencies(results: Dict, high_priority: Optional[bool] = None) -> List[float]:
