@@ -89,14 +89,19 @@ def _states_from_inputs(inputs: Optional[Dict[str, Any]]) -> Dict[str, TableStat
     from fastplan.planner.diff import OPTIMIZER_STATE_BYTES, TableState
 
     out = {}
-    for entry in (inputs or {}).get("tables") or []:
+    try:
+        fused = {m["path"]: m.get("fused_params") or {} for m in inputs["shared"]["modules"]}
+    except (TypeError, KeyError):
+        fused = {}
+    for doc in (inputs or {}).get("tables") or []:
         try:
-            key, doc = entry
+            key = doc["fqn"]
             rows, dim = (int(v) for v in doc["shape"])
         except (TypeError, ValueError, KeyError):
             continue
         dtype = str(doc.get("dtype", "float32")).rsplit(".", 1)[-1].strip('"')
-        optimizer = _optimizer((doc.get("fused_params") or {}).get("optimizer"))
+        module_path = key.rsplit(".", 1)[0] if "." in key else ""
+        optimizer = _optimizer(fused.get(module_path, {}).get("optimizer"))
         per_element, per_row = OPTIMIZER_STATE_BYTES.get(optimizer, (0, 0))
         out[key] = TableState(rows, dim, _ELEMENT_SIZE.get(dtype, 4), optimizer, per_element, per_row)
     return out

@@ -23,6 +23,7 @@ from fastplan import FastShardingPlanner, PlanCache
 from fastplan.cache import fingerprint
 from fastplan.models import ebc, report_tables
 from fastplan.planfile import table_digests
+from fastplan.planner.enumerator import FastEnumerator
 from fastplan.planner.search import SearchConfig
 from tests.multiproc import run_ranks
 
@@ -148,6 +149,27 @@ def test_qcomm_precisions_change_the_key():
 ])
 def test_sharders_reservation_batch_size_and_search_settings_change_the_key(change):
     assert key(**change) != key()
+
+
+def _key_with_enumerator(**changes):
+    topology = Topology(world_size=4, compute_device="cuda")
+    args = {"topology": topology, "batch_size": 512, **changes}
+    enumerator = FastEnumerator(args.pop("topology"), args.pop("batch_size"), **args)
+    planner = FastShardingPlanner(topology=topology, enumerator=enumerator, cache=None, debug=False)
+    return planner.planning_inputs(ebc(base_configs()), SHARDERS).key
+
+
+def test_a_fast_enumerator_with_the_planners_settings_gives_the_planners_key():
+    assert _key_with_enumerator() == key()
+
+
+@pytest.mark.parametrize("change", [
+    {"batch_size": 1024}, {"use_exact_enumerate_order": True},
+    {"constraints": {"t0": ParameterConstraints(sharding_types=["row_wise"])}},
+    {"topology": Topology(world_size=8, compute_device="cuda")},
+])
+def test_a_fast_enumerators_own_settings_change_the_key(change):
+    assert _key_with_enumerator(**change) != key()
 
 
 @pytest.mark.parametrize("library", ["fastplan", "fastplan_source", "torch", "torchrec", "fbgemm_gpu", "ortools", "numpy"])

@@ -215,7 +215,7 @@ def test_it_is_torchrecs_planner_with_the_state_tools_read_after_plan():
     module = ebc(report_tables(10))
     plan = p.plan(module, SHARDERS)
     assert p._num_proposals == p._num_plans == 1
-    assert sorted(so.name for so in p._best_plan) == sorted(plan.plan[""])
+    assert {so.name: [s.rank for s in so.shards] for so in p._best_plan} == {n: ps.ranks for n, ps in plan.plan[""].items()}
     assert {so.name for so in p._enumerator.last_stored_search_space} == set(plan.plan[""])
     assert p._stats[0]._stats_table and p._stats[0]._stats_table[0].startswith("####")
     assert isinstance(p.hash_planner_context_inputs(), int) and p.hash_planner_context_inputs_str()

@@ -157,3 +157,25 @@ def test_grid_sharding_asked_for_by_a_constraint_is_planned_as_torchrec_plans_it
     theirs = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False).plan(module, fuzz._sharders())
     assert ours.plan[""]["t0"].sharding_type == "grid_shard"
     assert str(ours) == str(theirs)
+
+
+def test_tables_are_found_as_torchrecs_sharders_and_enumerator_find_them():
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner.types import ShardingOption
+    from torchrec.modules.embedding_configs import EmbeddingConfig
+    from torchrec.modules.embedding_modules import EmbeddingCollection
+
+    from fastplan.planner.tables import module_pooled, shardable_parameters
+
+    shared = bags((8, 10), (8, 10), (4, 20))
+    shared.embedding_bags["t1"].weight = shared.embedding_bags["t0"].weight  # named_parameters() yields it once
+    ec = EmbeddingCollection(tables=[EmbeddingConfig(name="seq", embedding_dim=4, num_embeddings=10, feature_names=["s"])],
+                             device=torch.device("meta"))
+    for module, sharder in ((shared, EmbeddingBagCollectionSharder()), (ec, EmbeddingCollectionSharder())):
+        assert shardable_parameters(sharder, module) == sharder.shardable_parameters(module)
+    nested = torch.nn.Sequential(torch.nn.ModuleDict({"bags": shared, "inner": torch.nn.Sequential(ec)}))
+    for module in (nested, shared, ec):
+        for path in ("seq", "t0", "other", ""):
+            assert module_pooled(module, path) == ShardingOption.module_pooled(module, path), (type(module), path)
+    assert not module_pooled(nested, "seq") and module_pooled(nested, "t0")

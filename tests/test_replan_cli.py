@@ -60,9 +60,8 @@ def test_without_recorded_inputs_shapes_come_from_the_estimates_else_the_table_i
 
 def test_shapes_and_optimizer_come_from_the_recorded_inputs(tmp_path):
     old = _plan_file(tmp_path, "six.plan", report_tables(6))
-    inputs = {"tables": [[key, {"shape": [1000, 16], "dtype": "torch.float16",
-                                "fused_params": {"optimizer": "EmbOptimType.EXACT_ROWWISE_ADAGRAD"}}]
-                         for key in ("table_0", "table_1")]}
+    inputs = {"shared": {"modules": [{"path": "", "fused_params": {"optimizer": "EmbOptimType.EXACT_ROWWISE_ADAGRAD"}}]},
+              "tables": [{"fqn": key, "shape": [1000, 16], "dtype": "torch.float16"} for key in ("table_0", "table_1")]}
     states = table_states(SimpleNamespace(plan=old.plan, inputs=inputs, estimates=None), strict=False)
     assert (states["table_0"].rows, states["table_0"].element_size) == (1000, 2)
     assert (states["table_0"].optimizer, states["table_0"].optimizer_row_bytes) == ("exact_row_wise_adagrad", 4)

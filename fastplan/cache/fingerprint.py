@@ -9,13 +9,13 @@ import hashlib
 import importlib.metadata
 import platform
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgspec
 import torch
 from torch import nn
 
-from fastplan.planner.tables import TableInfo
+from fastplan.planner.tables import ShardedModule, shardable_parameters
 
 # The files whose code decides a plan; any edit to them gives new keys.
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "planner"
@@ -88,10 +88,11 @@ def _digest(data: bytes) -> str:
 @dataclasses.dataclass(frozen=True)
 class PlanInputs:
     """Canonical JSON of the inputs shared by all tables (versions, topology, reservation, batch size,
-    sharders, search settings) and of each table's own (config, tensor, constraint, kernels left)."""
+    sharders, sharded modules, search settings) and of each table's own (config, tensor, constraint)."""
 
     shared: bytes  # {section: value}
-    tables: bytes  # [[fqn, table inputs], ...] in planning order
+    tables: bytes  # [TableInputs, ...] in planning order
+    names: Tuple[str, ...] = dataclasses.field(default=(), compare=False)  # every shardable table's name
 
     @functools.cached_property
     def key(self) -> str:
@@ -101,7 +102,7 @@ class PlanInputs:
         return {name: _digest(canonical_json(v)) for name, v in msgspec.json.decode(self.shared).items()}
 
     def table_digests(self) -> Dict[str, str]:
-        return {fqn: _digest(canonical_json(doc)) for fqn, doc in msgspec.json.decode(self.tables)}
+        return {doc["fqn"]: _digest(canonical_json(doc)) for doc in msgspec.json.decode(self.tables)}
 
     def to_dict(self) -> Dict[str, Any]:
         return {"shared": msgspec.json.decode(self.shared), "tables": msgspec.json.decode(self.tables)}
@@ -115,53 +116,51 @@ class PlanInputs:
         return cls(canonical_json(data["shared"]), canonical_json(data["tables"]))
 
 
-def _configs(tables: List[TableInfo]) -> Dict[int, Dict[str, Any]]:
-    """Each module's table configs by name (one pass per module)."""
-    out: Dict[int, Dict[str, Any]] = {}
-    for t in tables:
-        if id(t.module) not in out:
-            configs: Dict[str, Any] = {}
-            for getter in ("embedding_bag_configs", "embedding_configs"):
-                fn = getattr(t.module, getter, None)
-                if callable(fn):
-                    configs.update((c.name, c) for c in fn())
-            out[id(t.module)] = configs
-    return out
+def _configs(module: nn.Module) -> Dict[str, Any]:
+    """The module's table configs by name."""
+    configs: Dict[str, Any] = {}
+    for getter in ("embedding_bag_configs", "embedding_configs"):
+        fn = getattr(module, getter, None)
+        if callable(fn):
+            configs.update((c.name, c) for c in fn())
+    return configs
 
 
-def _table(t: TableInfo, configs: Dict[int, Dict[str, Any]], kernel_sets: Dict[int, int]) -> List[Any]:
-    config = configs[id(t.module)].get(t.name)
-    state = dict(vars(config)) if config is not None else None
-    fn = state and state.get("init_fn")
-    if fn is not None:  # a callable (usually a partial): its function's name, without a hook call per table
-        fn = getattr(fn, "func", fn)
-        state["init_fn"] = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    return [f"{t.path}.{t.name}" if t.path else t.name, {
-        "config": state, "dtype": str(t.tensor.dtype), "shape": [t.rows, t.dim], "pooled": t.is_pooled,
-        "weighted": t.is_weighted, "optimizer": getattr(t.tensor, "_optimizer_classes", None),
-        "kernels": kernel_sets[id(t.kernels)], "constraint": t.constraint, "fused_params": t.fused_params,
-        "qcomm_sizes": t.qcomm_dtype_sizes, "storage_usage": str(t.storage_usage_type),
-    }]
+class TableInputs(msgspec.Struct):
+    """One table's own inputs: its config (a dataclass, encoded field by field), tensor and constraint.
+    What its module and sharder decide is in the shared `modules` section."""
+
+    fqn: str
+    config: Any
+    dtype: str
+    shape: List[int]
+    optimizer: Any
+    constraint: Any
 
 
 def plan_inputs(
-    tables: List[TableInfo], topology: Any, reservation: Dict[str, Any], batch_size: int, sharders: List[Any],
-    search_config: Any, timeout_seconds: Optional[float],
+    modules: List[ShardedModule], constraints: Dict[str, Any], exact_order: bool, topology: Any,
+    reservation: Dict[str, Any], batch_size: int, sharders: List[Any], search_config: Any,
+    timeout_seconds: Optional[float], enumeration: Optional[Dict[str, Any]] = None,
 ) -> PlanInputs:
-    configs = _configs(tables)
-    # Unconstrained tables of a module share one kernels dict: list each distinct one once.
-    kernel_sets: Dict[int, int] = {}
-    kernels: List[Any] = []
-    for t in tables:
-        if id(t.kernels) not in kernel_sets:
-            kernel_sets[id(t.kernels)] = len(kernels)
-            kernels.append(t.kernels)
+    """Read from the module itself, not from `collect_tables`, whose output is a function of these:
+    a warm start never builds the tables."""
+    rows, names = [], []
+    for m in modules:
+        configs = _configs(m.module)
+        for name, param in shardable_parameters(m.sharder, m.module).items():
+            names.append(name)
+            rows.append(TableInputs(
+                f"{m.path}.{name}" if m.path else name, configs.get(name), str(param.dtype), list(param.shape),
+                getattr(param, "_optimizer_classes", None), constraints.get(name),
+            ))
     shared = {
         "versions": code_versions(), "topology": topology, "reservation": reservation, "batch_size": batch_size,
         "sharders": sorted(sharders, key=canonical_json), "search": search_config, "timeout_seconds": timeout_seconds,
-        "modules": {t.path: type(t.module) for t in tables}, "kernels": kernels,
+        "modules": [{"path": m.path, "type": type(m.module), **m.facts()} for m in modules], "exact_order": exact_order,
+        "enumerator": enumeration or {},  # the enumerator's own topology / batch size, where not the planner's
     }
-    return PlanInputs(canonical_json(shared), canonical_json([_table(t, configs, kernel_sets) for t in tables]))
+    return PlanInputs(canonical_json(shared), canonical_json(rows), tuple(names))
 
 
 # TorchRec reservations whose result depends only on their settings, the topology, the batch size,
@@ -193,7 +192,7 @@ def _dense_bytes(module: nn.Module, shardable: set) -> List[int]:
     return total
 
 
-def reservation_inputs(reservation: Any, module: nn.Module, tables: List[TableInfo], reserve: Callable[..., Any],
+def reservation_inputs(reservation: Any, module: nn.Module, sharded: set, reserve: Callable[..., Any],
                        sharders: List[Any]) -> Dict[str, Any]:
     """What decides the storage reservation. For TorchRec's own reservations that is their settings
     plus the dense parameter/buffer bytes (cheap: no reservation runs on a warm start); for any
@@ -201,6 +200,6 @@ def reservation_inputs(reservation: Any, module: nn.Module, tables: List[TableIn
     kind = _qualname(type(reservation))
     if type(reservation).__name__ in _KNOWN_RESERVATIONS and type(reservation).__module__.startswith("torchrec."):
         settings = {k: v for k, v in vars(reservation).items() if k in _SETTINGS}
-        params, buffers = _dense_bytes(module, {id(t.module) for t in tables})
+        params, buffers = _dense_bytes(module, sharded)
         return {"type": kind, "settings": settings, "dense_param_bytes": params, "dense_buffer_bytes": buffers}
     return {"type": kind, "hbm_ddr_ssd": reserve(module, sharders).tolist()}

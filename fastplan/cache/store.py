@@ -91,12 +91,12 @@ class PlanCache:
 
     def put(self, key: str, plan: Any, *, report: Any = None, inputs: Optional[Dict[str, Any]] = None,
             estimates: Any = None) -> bool:
-        """Store a plan under `key`; False (with one warning) when the directory cannot be written."""
+        """Store a plan (and its estimates: objects or their JSON) under `key`; False (with one warning) when the directory cannot be written."""
         from fastplan.planfile import PlanFileError, encode_estimates, encode_plan, write_atomic
 
         try:
             data = encode_plan(plan, report=report, inputs=inputs, key=key)
-            sidecar = None if estimates is None else encode_estimates(estimates)
+            sidecar = estimates if estimates is None or isinstance(estimates, bytes) else encode_estimates(estimates)
         except (PlanFileError, TypeError) as e:
             logger.warning("fastplan: plan not cached: %s", e)
             return False

@@ -40,7 +40,9 @@ from fastplan.planner.plan_builder import to_sharding_options, to_sharding_plan
 from fastplan.planner.search import SearchConfig, SearchResult, search
 from fastplan.planner.search_space import SearchSpace, from_sharding_options
 from fastplan.planner.stats import PlanReport, build_report
-from fastplan.planner.tables import TableInfo, check_constraint_values, shardable_names, unknown_constraint_tables
+from fastplan.planner.tables import (
+    ShardedModule, TableInfo, check_constraint_values, shardable_names, sharded_modules, unknown_constraint_tables,
+)
 
 if TYPE_CHECKING:
     from fastplan.cache.fingerprint import PlanInputs
@@ -138,22 +140,22 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         sharders = sharders if sharders is not None else get_default_sharders()
         return agree_on_plan(self, module, sharders, pg, DEFAULT_AGREEMENT_TIMEOUT_S if timeout is None else timeout)
 
-    def planning_inputs(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]],
-                        tables: Optional[List[TableInfo]] = None) -> "PlanInputs":
+    def planning_inputs(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> "PlanInputs":
         """Everything that decides this planner's plan of `module`: the cache key, and what ranks compare."""
         from fastplan.cache.fingerprint import plan_inputs, reservation_inputs
 
-        if tables is None:
-            if isinstance(self._enumerator, FastEnumerator):
-                tables = self._enumerator.collect(module, sharders)
-            else:
-                from fastplan.planner.tables import collect_tables
-
-                tables = collect_tables(module, sharders, self._topology.compute_device, self._batch_size,
-                                        self._constraints)
-        reservation = reservation_inputs(self._storage_reservation, module, tables, self._reserve, sharders)
-        return plan_inputs(tables, self._topology, reservation, self._batch_size, sharders, self._search_config,
-                           self._timeout_seconds)
+        enumerator = self._enumerator
+        exact_order = bool(getattr(enumerator, "_use_exact_enumerate_order", False))
+        modules = [ShardedModule.of(path, child, sharder, self._topology.compute_device)
+                   for path, child, sharder in sharded_modules(module, sharders, exact_order)]
+        reservation = reservation_inputs(self._storage_reservation, module, {id(m.module) for m in modules},
+                                         self._reserve, sharders)
+        # A FastEnumerator the caller built may have its own constraints, topology and batch size.
+        constraints = getattr(enumerator, "_constraints", self._constraints) or {}
+        own = {"topology": getattr(enumerator, "_topology", self._topology), "batch_size": getattr(enumerator, "_batch_size", self._batch_size)}
+        enumeration = {k: v for k, v in own.items() if v != getattr(self, f"_{k}")}
+        return plan_inputs(modules, constraints, exact_order, self._topology, reservation, self._batch_size, sharders,
+                           self._search_config, self._timeout_seconds, enumeration)
 
     def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         self._num_proposals = 0
@@ -176,47 +178,53 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
     def _plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         start = time.perf_counter()
         check_constraint_values(self._constraints)
+        self.last_plan_file = None
         fast = isinstance(self._enumerator, FastEnumerator)
-        tables = self._enumerator.collect(module, sharders) if fast else None
-        if self._constraints and (tables is None or not set(self._constraints) <= {t.name for t in tables}):
+        # Callbacks, custom Stats, perf models and custom enumerators or estimators are opaque inputs:
+        # plan without the cache.
+        cacheable = fast and self.cache is not None and not (
+            self._callbacks or self._rank_by_perf_model or self._custom_stats() or self._enumerator._custom_estimator
+        )
+        if not cacheable:
+            tables = self._enumerator.collect(module, sharders) if fast else None
+            self._warn_unknown_constraints(module, sharders, None if tables is None else [t.name for t in tables])
+            if fast and not tables:
+                self.last_report = None
+                return ShardingPlan({})
+            return self._plan_tables(module, sharders, tables, start, None)
+        inputs = self.planning_inputs(module, sharders)  # read from the module: a hit never collects tables
+        self._warn_unknown_constraints(module, sharders, inputs.names)
+        if not inputs.names:
+            self.last_report = None
+            return ShardingPlan({})
+        self.last_key = inputs.key
+        hit = self.cache.get(inputs.key)
+        if hit is None:
+            with self.cache.lock(inputs.key):  # concurrent planners of one key: one computes, others read
+                hit = self.cache.get(inputs.key)
+                if hit is None:
+                    return self._plan_tables(module, sharders, self._enumerator.collect(module, sharders), start, inputs)
+        self.last_plan_file = hit
+        hit.inputs = inputs.to_raw()
+        self._from_cache(module, sharders, hit.plan)
+        if hit.report is not None:
+            hit.report.planning_seconds = time.perf_counter() - start
+            hit.report.source = "cache"
+        self._finish(hit.report)
+        return hit.plan
+
+    def _warn_unknown_constraints(self, module: nn.Module, sharders, names: Optional[List[str]]) -> None:
+        if self._constraints and (names is None or not set(self._constraints) <= set(names)):
             unknown = unknown_constraint_tables(self._constraints, shardable_names(module, sharders))
             if unknown:
                 logger.warning("fastplan: constraints name tables this module does not have (ignored): %s", unknown)
-        if fast and not tables:
-            self.last_report = None
-            return ShardingPlan({})
-        inputs = None
-        self.last_plan_file = None
-        # Callbacks, custom Stats, perf models and custom enumerators or estimators are opaque inputs:
-        # plan without the cache.
-        cacheable = fast and not (
-            self._callbacks or self._rank_by_perf_model or self._custom_stats() or self._enumerator._custom_estimator
-        )
-        if self.cache is not None and cacheable:
-            inputs = self.planning_inputs(module, sharders, tables)
-            self.last_key = inputs.key
-            hit = self.cache.get(inputs.key)
-            if hit is None:
-                with self.cache.lock(inputs.key):  # concurrent planners of one key: one computes, others read
-                    hit = self.cache.get(inputs.key)
-                    if hit is None:
-                        return self._plan_tables(module, sharders, tables, start, inputs)
-            self.last_plan_file = hit
-            hit.inputs = inputs.to_raw()
-            self._from_cache(module, sharders, tables, hit.plan)
-            if hit.report is not None:
-                hit.report.planning_seconds = time.perf_counter() - start
-                hit.report.source = "cache"
-            self._finish(hit.report)
-            return hit.plan
-        return self._plan_tables(module, sharders, tables, start, inputs)
 
     # TorchRec's planner state after plan() (`_best_plan`, the enumerator's search space, the
-    # reserved topology): on a cache hit it is rebuilt only when first read, so warm starts stay fast.
+    # reserved topology) is built when first read: a cache hit rebuilds it from the plan, a fresh plan
+    # from its search space and assignment, so a planner holds arrays, not thousands of objects.
     @property
     def _best_plan(self) -> Optional[List[ShardingOption]]:
-        if self._pending is not None:
-            self._materialize()
+        self._materialize()
         return self._best_plan_value
 
     @_best_plan.setter
@@ -225,35 +233,33 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         self._pending = None
 
     def hash_planner_context_inputs(self) -> int:
-        if self._pending is not None:
-            self._materialize()
+        self._materialize()
         return super().hash_planner_context_inputs()
 
     def hash_planner_context_inputs_str(self) -> str:
-        if self._pending is not None:
-            self._materialize()
+        self._materialize()
         return super().hash_planner_context_inputs_str()
 
-    def _from_cache(self, module, sharders, tables, plan: ShardingPlan) -> None:
-        self._best_plan_value = None
-        self._pending = (module, sharders, tables, plan)
+    def _materialize(self) -> None:
+        if self._pending is not None:
+            build, self._pending = self._pending, None
+            self._best_plan_value = build()
+
+    def _from_cache(self, module, sharders, plan: ShardingPlan) -> None:
+        def rebuild() -> List[ShardingOption]:
+            from fastplan.planner.plan_builder import assignment_from_plan
+
+            self._reserve(module, sharders)
+            space = self._search_space(module, sharders, None)
+            return to_sharding_options(space, assignment_from_plan(space, plan), self._batch_size)
+
+        self._best_plan_value, self._pending = None, rebuild
         self._enumerator.defer(self._materialize)
         self._num_proposals = self._num_plans = 1
         # Logging Stats rebuilds every option (~0.1 s at 500 tables, 5x the warm start): done with
         # debug=True (TorchRec's default, which tools reading Stats expect), skipped with debug=False.
         if self._stats and self._debug:
             self._log_stats(plan, self._best_plan, sharders, 0.0)
-
-    def _materialize(self) -> None:
-        from fastplan.planner.plan_builder import assignment_from_plan
-
-        if self._pending is None:
-            return
-        module, sharders, tables, plan = self._pending
-        self._pending = None
-        self._reserve(module, sharders)
-        space = self._search_space(module, sharders, tables)
-        self._best_plan_value = to_sharding_options(space, assignment_from_plan(space, plan), self._batch_size)
 
     # ---- internals ---------------------------------------------------------------------------
     def _plan_with_torchrec_search(self, module: nn.Module, sharders) -> ShardingPlan:
@@ -305,7 +311,10 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         plan = trec_to_sharding_plan(options, self._topology) if self._callbacks else to_sharding_plan(
             space, a, self._topology.compute_device
         )
-        self._best_plan = options
+        if self._callbacks:  # callbacks may have changed the options: keep them
+            self._best_plan = options
+        else:
+            self._best_plan_value, self._pending = None, lambda: to_sharding_options(space, a, self._batch_size)
         self._num_proposals = self._num_plans = 1
         bound = plan_bound(space, cap, _bound_budget(deadline, time.perf_counter() - start), result.makespan,
                            result.lower_bound)
@@ -318,9 +327,9 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         """A plan just made: to Stats, to its plan file and the cache (when cacheable), then the report."""
         self._log_stats(plan, options, sharders, report.planning_seconds)
         if inputs is not None:
-            from fastplan.planfile import PlanFile, estimates_from_options
+            from fastplan.planfile import PlanFile, encode_estimates, estimates_from_options
 
-            estimates = estimates_from_options(options)
+            estimates = encode_estimates(estimates_from_options(options))  # as JSON: decoded only if read
             self.last_plan_file = PlanFile(plan, report, inputs.to_raw(), inputs.key, estimates)
             self.cache.put(inputs.key, plan, report=report, estimates=estimates)
         self._finish(report)

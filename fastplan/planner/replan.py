@@ -47,7 +47,7 @@ def _check_previous(previous: ShardingPlan) -> None:
                 raise ValueError(f"replan: previous plan, table '{table_key(path, name)}': ranks {ranks} are not ranks")
 
 
-def _inputs(planner, module, sharders, tables, previous: ShardingPlan, max_moved_bytes: Optional[int],
+def _inputs(planner, module, sharders, previous: ShardingPlan, max_moved_bytes: Optional[int],
             max_slowdown: float, config: ReplanConfig) -> "PlanInputs":
     """`planning_inputs` with the previous plan and the replan settings added to the shared section."""
     import msgspec
@@ -56,7 +56,7 @@ def _inputs(planner, module, sharders, tables, previous: ShardingPlan, max_moved
     from fastplan.cache.fingerprint import PlanInputs, canonical_json
     from fastplan.planfile import table_digests
 
-    inputs = planner.planning_inputs(module, sharders, tables)
+    inputs = planner.planning_inputs(module, sharders)
     shared = msgspec.json.decode(inputs.shared)
     shared["replan"] = {"version": REPLAN_VERSION, "previous": plan_hash(table_digests(previous)), "max_moved_bytes": max_moved_bytes,
                         "max_slowdown": max_slowdown, "config": asdict(config)}
@@ -100,7 +100,7 @@ def replan(
     if not cacheable:
         return _replan_tables(planner, module, sharders, tables, states, previous, max_moved_bytes, max_slowdown,
                               config, start, None)
-    inputs = _inputs(planner, module, sharders, tables, previous, max_moved_bytes, max_slowdown, config)
+    inputs = _inputs(planner, module, sharders, previous, max_moved_bytes, max_slowdown, config)
     planner.last_key = inputs.key
     hit = cache.get(inputs.key)
     if hit is None:
@@ -111,7 +111,7 @@ def replan(
                                       max_slowdown, config, start, inputs)
     hit.inputs = inputs.to_raw()
     planner.last_plan_file = hit
-    planner._from_cache(module, sharders, tables, hit.plan)
+    planner._from_cache(module, sharders, hit.plan)
     if hit.report is not None:
         hit.report.planning_seconds = time.perf_counter() - start
         hit.report.source = "cache"
@@ -166,7 +166,7 @@ class _Replanning:
 
     def planning_inputs(self, module, sharders) -> "PlanInputs":
         kw = self._kwargs
-        return _inputs(self._planner, module, sharders, None, self._previous, kw.get("max_moved_bytes"),
+        return _inputs(self._planner, module, sharders, self._previous, kw.get("max_moved_bytes"),
                        kw.get("max_slowdown", 0.01), kw.get("config") or ReplanConfig())
 
 
