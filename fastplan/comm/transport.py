@@ -5,8 +5,9 @@ every peer's PULL; endpoints and a per-job secret are exchanged through the job'
 torch.distributed store (the rendezvous every rank already trusts). Connections use ZeroMQ's PLAIN
 mechanism (user = rank, password = the secret), checked by pyzmq's ZAP thread, so only members of
 the job can deliver. A message is a fixed binary header (sender, tag, seq, payload size: four int64)
-and one payload of bytes; nothing is deserialised beyond that header, a header that does not check
-out is an error naming the sender, and oversized messages are refused by libzmq.
+and one payload of bytes, in one frame (two from 64 KiB on, so that the payload leaves uncopied); nothing
+is deserialised beyond that header, a header that does not check out is an error naming the sender, and
+oversized messages are refused by libzmq.
 
     mesh.send(peer, tag, seq, payload)   # never blocks: queued, then written by the I/O thread
                                          # (big payloads uncopied: returns a tracker)
@@ -109,12 +110,14 @@ class Mesh:
         """Queue one message for `peer`; never blocks. Unless `copy`, a payload of `zmq.COPY_THRESHOLD`
         (64 KiB) or more is not copied: the returned tracker's `done` turns True once ZeroMQ no longer
         reads it (the caller must neither modify nor free the payload before)."""
-        nbytes = memoryview(payload).nbytes
-        track = not copy and nbytes >= zmq.COPY_THRESHOLD
+        view = memoryview(payload)
+        header = _HEADER.pack(self.rank, tag, seq, view.nbytes)
         out = self._outs[peer]
-        out.send(_HEADER.pack(self.rank, tag, seq, nbytes), zmq.SNDMORE)
-        tracker = out.send(payload, copy=not track, track=track)
-        return tracker if track else None
+        if copy or view.nbytes < zmq.COPY_THRESHOLD:
+            out.send(header + view.cast("B"))  # one frame: one send, one receive
+            return None
+        out.send(header, zmq.SNDMORE)
+        return out.send(view, copy=False, track=True)
 
     def recv(self, timeout_s: float) -> List[Message]:
         """Every message that has arrived, waiting up to `timeout_s` for the first one. A malformed
@@ -148,7 +151,7 @@ class Mesh:
             pass  # closing anyway: a malformed message left unread no longer matters
         for p, d in self._outs.items():
             if p not in self._said_bye:
-                d.send_multipart([_HEADER.pack(self.rank, _BYE, 0, 0), b""])
+                d.send(_HEADER.pack(self.rank, _BYE, 0, 0))
             d.setsockopt(zmq.LINGER, int(linger_s * 1000))
         for d in self._outs.values():
             d.disable_monitor()  # before closing the monitor socket: it writes a last event there
@@ -181,20 +184,19 @@ class Mesh:
             # The sender's rank as authenticated by the ZAP handler, whatever its header claims.
             user = frame.get("User-Id")
             sender = int(user[4:]) if user.startswith("rank") and user[4:].isdigit() else -1
-            header = frame.bytes
+            data = frame.buffer
             if sender not in self._outs:
                 self._discard_rest()
                 raise MeshError(sender, f"message from {user}, not a peer of rank {self.rank}")
-            if len(header) != _HEADER.size or not frame.more:
+            if len(data) < _HEADER.size or (frame.more and len(data) != _HEADER.size):
                 self._discard_rest()
-                raise MeshError(sender, f"malformed message ({len(header)}-byte header) from {user} on rank {self.rank}")
-            peer, tag, seq, nbytes = _HEADER.unpack(header)
+                raise MeshError(sender, f"malformed message ({len(data)}-byte header) from {user} on rank {self.rank}")
+            peer, tag, seq, nbytes = _HEADER.unpack_from(data)
             if peer != sender:
                 self._discard_rest()
                 raise MeshError(sender, f"{user} sent a message claiming to come from rank {peer}")
-            # Small payloads as bytes (cheaper than a frame), big ones without a copy.
-            payload = inbox.recv(copy=nbytes < zmq.COPY_THRESHOLD)
-            view = memoryview(payload if isinstance(payload, bytes) else payload.buffer)
+            # Small payloads share the header's frame; big ones follow in a second frame, uncopied.
+            view = inbox.recv(copy=False).buffer if frame.more else data[_HEADER.size:]
             if view.nbytes != nbytes or inbox.get(zmq.RCVMORE):
                 self._discard_rest()
                 raise MeshError(peer, f"rank {peer} announced {nbytes} bytes for message {seq} of tag {tag}, sent {view.nbytes}")
