@@ -111,6 +111,8 @@ class BLSInferencePipeline:
             item = item or self._first_at(flight, _POOLED, posted) or self._first_at(flight, _FEATURES, posted)
             if item is not None:
                 idle_since = None
+                if item.stage != _INPUT:
+                    self.group.flush()  # what the communication steps posted leaves before the compute
                 output = self._step(flight, item, posted)
                 if output is not None:
                     yield output
@@ -124,6 +126,7 @@ class BLSInferencePipeline:
             if not exhausted and source_due > now:
                 wait = min(wait, source_due - now)
             self.group.progress(wait)
+        self.group.flush()
 
     def _first_at(self, flight: Deque[_InFlight], stage: int, posted) -> Optional[_InFlight]:
         """The oldest batch waiting at `stage` if it can move on now (its data arrived, the lag allows)."""
