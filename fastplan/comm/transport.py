@@ -110,7 +110,9 @@ class Mesh:
         self._error: Optional[MeshError] = None
         self._held: Dict[int, List[bytes]] = {}  # peer -> messages waiting for flush()
 
-    def send(self, peer: int, tag: int, seq: int, payload=b"", copy: bool = False, hold: bool = False) -> Optional[zmq.MessageTracker]:
+    def send(
+        self, peer: int, tag: int, seq: int, payload=b"", copy: bool = False, hold: bool = False
+    ) -> Optional[zmq.MessageTracker]:
         """Queue one message for `peer`; never blocks. Unless `copy`, a payload of `zmq.COPY_THRESHOLD`
         (64 KiB) or more is not copied: the returned tracker's `done` turns True once ZeroMQ no longer
         reads it (the caller must neither modify nor free the payload before). With `hold`, a smaller

@@ -6,10 +6,10 @@ as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`
 batch order, so outputs come out in order and bit-identical to the synchronous forward. Each step
 takes, in this order: the oldest batch whose splits arrived (its ids go out); else the next batch,
 if the lag bound allows (every peer's blocks of that stage of batch b - L - 1 arrived), fewer than
-`max_in_flight` are held and the source has one (a source may yield `NotYet`); else the oldest batch whose pooled embeddings arrived (dense part) or
-whose ids arrived (lookup, embeddings go out). Communication goes first because peers wait for it.
-A rank blocks on the transport, with a deadline, only when nothing can move. With L = 0 this is
-exactly the stock sharded forward.
+`max_in_flight` are held and the source has one (it may yield `NotYet`); else the oldest batch
+whose pooled embeddings arrived (dense part) or whose ids arrived (lookup, embeddings go out).
+Communication goes first because peers wait for it. A rank blocks on the transport, with a
+deadline, only when nothing can move. With L = 0 this is exactly the stock sharded forward.
 
 A source that yields `NotYet(seconds)` (an inference service between requests) lets the pipeline
 carry on with the batches it holds: it asks again once that time has passed, so a batch does not
@@ -28,6 +28,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 Batch = Tuple[Any, KeyedJaggedTensor]  # (dense input, sparse features)
+_INPUT, _FEATURES, _POOLED = 0, 1, 2  # what a batch waits for: splits, ids, pooled embeddings
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,6 @@ class NotYet:
     """Yielded by a source that has no batch yet: ask again in at most `seconds`."""
 
     seconds: float
-
-_INPUT, _FEATURES, _POOLED = 0, 1, 2  # what a batch waits for: splits, ids, pooled embeddings
 
 
 @dataclass
