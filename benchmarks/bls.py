@@ -18,11 +18,17 @@ Modes:
 - bls-L:      `BLSInferencePipeline` on the "bls" group: stages start when their data arrived, at
               most L batches ahead of the slowest peer.
 
-Per mode: ms/batch (slowest rank), latency p50/p99 from the moment the pipeline takes a batch from
-its source to its output (TorchRec's loader thread takes a batch one step before its pipeline
-starts it) and p50 over sync's, CPU ms per batch (all threads, mean over ranks), peak RSS during the
-mode (max over ranks), and how many batches are bitwise equal to the sync run. The last column
-divides bls-L's ms/batch by the best of torchrec and control-L.
+Each mode runs twice per scenario. Closed loop (the source hands out batches as fast as they are
+taken): ms/batch (slowest rank), latency p50/p99 from the moment the pipeline takes a batch from its
+source to its output (TorchRec's loader thread takes a batch one step before its pipeline starts
+it), CPU ms per batch (all threads, mean over ranks), peak RSS during the mode (max over ranks).
+Open loop (`--load`, default 0.7): batch b is due at start + b * interval, the interval being sync's
+closed-loop ms/batch / load, so every mode runs below saturation; latency p50/p99 counts from the
+due time (waiting for the pipeline included) and is divided by sync's. A saturating source keeps any
+pipeline full, so latency is only comparable here. The fixed-delay pipelines (torchrec, control)
+block in their source until the next batch is due; the BLS pipeline's source answers `NotYet` and it
+carries on meanwhile. `identical`: batches bitwise equal to the sync run in both passes. The last
+column divides bls-L's closed-loop ms/batch by the best of torchrec and control-L.
 
     python benchmarks/bls.py                          # 4 ranks, writes bls.png
     python benchmarks/bls.py --world-sizes 2 4 --batches 60 --seed 3
@@ -144,69 +150,103 @@ def _rank_main(rank: int, world: int, args) -> dict:
         return cls(tables, dense_in=16, hidden=64)
 
     plan = planner.collective_plan(model(), sharders)
-    results, reference = {}, {}
+
+    def run_mode(scenario, mode, batches, interval_s, reference):
+        """One pass of `mode` over `batches`: closed loop (interval_s None) or one batch due every interval_s."""
+        lag = int(mode.split("-")[1]) if "-" in mode else 0
+        group = new_bls_group(lag, timeout_s=120) if mode.startswith("bls") else dist.new_group(backend="gloo")
+        cls = BatchDLRM if mode == "torchrec" else SmallDLRM
+        dmp = DistributedModelParallel(model(cls), device=torch.device("cpu"), plan=plan, sharders=sharders,
+                                       env=ShardingEnv.from_process_group(group))
+        dmp.eval()
+        inner = dmp.module
+        inject_lookup_work(inner.sparse, lambda b: _delay_ms(scenario, b, rank, world, args))
+        issued = deque()
+        # Only the BLS pipeline takes a source that may answer "not yet"; the others block in next().
+        clock = {"t0": 0.0}
+
+        def source(items):
+            return arrivals(items, interval_s, clock["t0"], issued, waits=not mode.startswith("bls"))
+
+        if mode == "torchrec":
+            pipe = EvalPipelineSparseDist(dmp, torch.optim.SGD(dmp.parameters(), lr=0.0), torch.device("cpu"))
+
+            def outputs():
+                feed = source([TorchRecBatch(d, k, torch.zeros(d.size(0))) for d, k in batches])
+                while True:
+                    try:
+                        yield pipe.progress(feed)
+                    except StopIteration:
+                        return
+        elif mode.startswith("control"):
+            outputs = lambda: deferred_waits(inner.sparse, inner.dense, lag, source(batches))  # noqa: E731
+        else:
+            pipe = BLSInferencePipeline(inner.sparse, inner.dense, lag, group=group if lag else None)
+            outputs = lambda: pipe.run(source(batches))  # noqa: E731
+
+        dist.barrier()
+        _reset_peak_rss()
+        latencies, got = [], []
+        cpu_start, start = time.process_time(), time.perf_counter()
+        clock["t0"] = start
+        with torch.no_grad():
+            for out in outputs():
+                latencies.append((time.perf_counter() - issued.popleft()) * 1000)
+                got.append(out)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        peak_mb = _peak_rss_mb()
+        dist.barrier()
+        if hasattr(group, "shutdown"):
+            group.shutdown()
+        latencies.sort()
+        reference = reference if reference is not None else got
+        return got, {
+            "ms_per_batch": elapsed * 1000 / args.batches,
+            "p50": latencies[len(latencies) // 2],
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "identical": sum(torch.equal(a, b) for a, b in zip(got, reference)) if len(got) == args.batches else 0,
+            "cpu_ms_per_batch": cpu * 1000 / args.batches,
+            "peak_mb": peak_mb,
+        }
+
+    results = {}
     modes = _modes(args)
     for scenario in args.scenarios:
         hot = {b for b in range(args.batches) if _hot_rank(b, world, args.seed) == rank}
         scale = {b: 4 for b in hot} if scenario == "skew" else {}
         batches = random_batches(tables, args.batches, args.batch_size, seed=1000 + rank, dense_in=16, hot_feature_scale=scale)
-        for mode in modes:
-            lag = int(mode.split("-")[1]) if "-" in mode else 0
-            group = new_bls_group(lag, timeout_s=120) if mode.startswith("bls") else dist.new_group(backend="gloo")
-            cls = BatchDLRM if mode == "torchrec" else SmallDLRM
-            dmp = DistributedModelParallel(model(cls), device=torch.device("cpu"), plan=plan, sharders=sharders,
-                                           env=ShardingEnv.from_process_group(group))
-            dmp.eval()
-            inner = dmp.module
-            inject_lookup_work(inner.sparse, lambda b, sc=scenario: _delay_ms(sc, b, rank, world, args))
-            issued = deque()
-
-            def source(items):
-                for item in items:
-                    issued.append(time.perf_counter())
-                    yield item
-
-            if mode == "torchrec":
-                pipe = EvalPipelineSparseDist(dmp, torch.optim.SGD(dmp.parameters(), lr=0.0), torch.device("cpu"))
-                feed = source([TorchRecBatch(d, k, torch.zeros(d.size(0))) for d, k in batches])
-
-                def outputs():
-                    while True:
-                        try:
-                            yield pipe.progress(feed)
-                        except StopIteration:
-                            return
-            elif mode.startswith("control"):
-                outputs = lambda: deferred_waits(inner.sparse, inner.dense, lag, source(batches))  # noqa: E731
-            else:
-                pipe = BLSInferencePipeline(inner.sparse, inner.dense, lag, group=group if lag else None)
-                outputs = lambda: pipe.run(source(batches))  # noqa: E731
-
-            dist.barrier()
-            _reset_peak_rss()
-            latencies, got = [], []
-            cpu_start, start = time.process_time(), time.perf_counter()
-            with torch.no_grad():
-                for out in outputs():
-                    latencies.append((time.perf_counter() - issued.popleft()) * 1000)
-                    got.append(out)
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            peak_mb = _peak_rss_mb()
-            dist.barrier()
-            if scenario not in reference:  # the first mode is sync
-                reference[scenario] = got
-            latencies.sort()
-            results[(scenario, mode)] = {
-                "ms_per_batch": elapsed * 1000 / args.batches,
-                "p50": latencies[len(latencies) // 2],
-                "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-                "identical": sum(torch.equal(a, b) for a, b in zip(got, reference[scenario])) if len(got) == args.batches else 0,
-                "cpu_ms_per_batch": cpu * 1000 / args.batches,
-                "peak_mb": peak_mb,
-            }
-            if hasattr(group, "shutdown"):
-                group.shutdown()
+        reference = None
+        for mode in modes:  # the first mode is sync: its outputs are the reference
+            got, results[(scenario, mode)] = run_mode(scenario, mode, batches, None, reference)
+            reference = reference or got
+        if args.load:
+            # Offer `load` x the synchronous path's throughput (its slowest rank's, agreed by every rank).
+            sync_ms = torch.tensor([results[(scenario, "sync")]["ms_per_batch"]])
+            dist.all_reduce(sync_ms, op=dist.ReduceOp.MAX)
+            interval_s = float(sync_ms) / 1000 / args.load
+            for mode in modes:
+                _, r = run_mode(scenario, mode, batches, interval_s, reference)
+                closed = results[(scenario, mode)]
+                closed.update({"open_p50": r["p50"], "open_p99": r["p99"], "open_ms": interval_s * 1000,
+                               "identical": min(closed["identical"], r["identical"])})
     return results
+
+
+def arrivals(items, interval_s, t0, issued, waits=True):
+    """Yield `items`; with `interval_s`, item b is due at t0 + b * interval_s (an open-loop source, as
+    requests reach a service): `waits` sleeps until then, else `NotYet` is yielded meanwhile. `issued`
+    gets each item's due time (closed loop: the time it was taken)."""
+    from fastplan.comm import NotYet
+
+    for b, item in enumerate(items):
+        due = time.perf_counter() if interval_s is None else t0 + b * interval_s
+        while (now := time.perf_counter()) < due:
+            if waits:
+                time.sleep(due - now)
+            else:
+                yield NotYet(due - now)
+        issued.append(due)
+        yield item
 
 
 def _reset_peak_rss() -> None:
@@ -264,6 +304,9 @@ def run_world(world: int, args) -> dict:
             "cpu": sum(r["cpu_ms_per_batch"] for r in rows) / len(rows),
             "peak_mb": max(r["peak_mb"] for r in rows),
         }
+        for k in ("open_p50", "open_p99", "open_ms"):
+            if k in rows[0]:
+                merged[key][k] = max(r[k] for r in rows)
     return merged
 
 
@@ -280,20 +323,26 @@ def main(argv=None) -> None:
     ap.add_argument("--jitter", type=float, default=8.0, help="mean ms of exponential jitter")
     ap.add_argument("--hot", type=float, default=20.0, help="extra ms on the hot rank")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load", type=float, default=0.7,
+                    help="open-loop pass: offer this fraction of sync's throughput, report latency (0: skip)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--plot", default="bls.png")
     args = ap.parse_args(argv)
     if any(L < 1 for L in args.lags):
         ap.error("--lags must be >= 1 (lag 0 is the sync mode)")
 
-    print(f"seed {args.seed}, {args.batches} batches of {args.batch_size}, {args.tables} tables", flush=True)
-    print(f"{'ranks':>5} {'scenario':>10} {'mode':>10} {'ms/batch':>9} {'vs sync':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'p50/sync':>8} {'identical':>10} {'cpu ms/b':>9} {'peak MB':>8} {'vs best baseline':>17}", flush=True)
+    print(f"seed {args.seed}, {args.batches} batches of {args.batch_size}, {args.tables} tables; open loop at "
+          f"{args.load:g} x sync's throughput" if args.load else "", flush=True)
+    open_cols = f" {'p50 open':>8} {'p99 open':>8} {'open/sync':>9}" if args.load else ""
+    print(f"{'ranks':>5} {'scenario':>10} {'mode':>10} {'ms/batch':>9} {'vs sync':>8} {'p50 ms':>8} {'p99 ms':>8}{open_cols} "
+          f"{'identical':>10} {'cpu ms/b':>9} {'peak MB':>8} {'vs best baseline':>17}", flush=True)
     table = {}
     for world in args.world_sizes:
         res = run_world(world, args)
         for scenario in args.scenarios:
             sync = res[(scenario, "sync")]
+            if args.load:
+                print(f"{world:>5} {scenario:>10} open loop: one batch due every {sync['open_ms']:.1f} ms", flush=True)
             for (sc, mode), r in res.items():
                 if sc != scenario:
                     continue
@@ -302,9 +351,10 @@ def main(argv=None) -> None:
                 baselines = [res[(sc, m)]["ms_per_batch"] for m in ("torchrec", f"control-{mode.split('-')[-1]}") if (sc, m) in res]
                 if mode.startswith("bls") and baselines:
                     versus = f"{r['ms_per_batch'] / min(baselines):>16.2f}x"
+                opened = f" {r['open_p50']:>8.1f} {r['open_p99']:>8.1f} {r['open_p50'] / sync['open_p50']:>8.2f}x" if args.load else ""
                 print(
                     f"{world:>5} {sc:>10} {mode:>10} {r['ms_per_batch']:>9.2f} {sync['ms_per_batch'] / r['ms_per_batch']:>7.2f}x "
-                    f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['p50'] / sync['p50']:>7.2f}x {r['identical']:>5}/{args.batches:<4} "
+                    f"{r['p50']:>8.1f} {r['p99']:>8.1f}{opened} {r['identical']:>5}/{args.batches:<4} "
                     f"{r['cpu']:>9.2f} {r['peak_mb']:>8.0f} {versus}",
                     flush=True,
                 )
@@ -323,7 +373,8 @@ def _plot(table, args) -> None:
     fig, axes = plt.subplots(2, len(worlds), figsize=(6.5 * len(worlds), 7), squeeze=False)
     width = 0.8 / len(modes)
     for col, world in enumerate(worlds):
-        for row, (key, label) in enumerate((("ms_per_batch", "ms / batch"), ("p50", "p50 latency, ms"))):
+        p50 = ("open_p50", f"p50 latency at {args.load:g} x sync's rate, ms") if args.load else ("p50", "p50 latency, ms")
+        for row, (key, label) in enumerate((("ms_per_batch", "ms / batch"), p50)):
             ax = axes[row][col]
             for i, mode in enumerate(modes):
                 ys = [table[(world, sc, mode)][key] for sc in args.scenarios]

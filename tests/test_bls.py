@@ -122,9 +122,14 @@ def test_with_one_peer_stalled_the_others_post_exactly_lag_iterations_ahead():
 
 
 def _slow_source(items, rank, slow_rank, stall_at, stall_s, pulled_at):
+    """The slow rank's source has nothing for `stall_s` before batch `stall_at` (it answers NotYet)."""
+    from fastplan.comm import NotYet
+
     for b, item in enumerate(items):
         if rank == slow_rank and b == stall_at:
-            time.sleep(stall_s)
+            resume = time.monotonic() + stall_s
+            while time.monotonic() < resume:
+                yield NotYet(resume - time.monotonic())
         pulled_at.append(time.monotonic())
         yield item
 
@@ -137,11 +142,13 @@ def _stalled_pipeline(rank, world, lag, stall_at, stall_s):
     _, plan, model, sharders, batches, expected = _sharded(rank, world, ["table_wise"], num_batches=stall_at + 2 * lag + 2)
     pipeline = wire_bls(model(), plan, lag=lag, sharders=sharders)
     pipeline.max_in_flight = len(batches)  # only the lag bound holds a rank back
-    pulled_at = []
+    pulled_at, got, done_at = [], [], []
     with torch.no_grad():
-        got = list(pipeline.run(_slow_source(batches, rank, world - 1, stall_at, stall_s, pulled_at)))
+        for out in pipeline.run(_slow_source(batches, rank, world - 1, stall_at, stall_s, pulled_at)):
+            got.append(out)
+            done_at.append(time.monotonic())
     pipeline.group.shutdown()
-    return pulled_at, all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected)
+    return pulled_at, done_at, all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected)
 
 
 def test_pipeline_with_a_stalled_peer_starts_exactly_lag_batches_ahead_and_stays_bitwise_equal():
@@ -149,12 +156,15 @@ def test_pipeline_with_a_stalled_peer_starts_exactly_lag_batches_ahead_and_stays
     results = run_ranks(_stalled_pipeline, 3, args=(lag, stall_at, stall_s), timeout_s=240)
     for rank, (status, value) in results.items():
         assert status == "ok", f"rank {rank}: {value}"
-        assert value[1], f"rank {rank}: outputs differ from the synchronous forward"
-    resumed = results[2][1][0][stall_at]  # when the stalled rank took batch `stall_at`
+        assert value[2], f"rank {rank}: outputs differ from the synchronous forward"
+    pulled_at, done_at, _ = results[2][1]
+    resumed = pulled_at[stall_at]  # when the stalled rank took batch `stall_at`
     for rank in (0, 1):
         started = sum(t < resumed for t in results[rank][1][0])
         # Waiting for rank 2's batch stall_at, the others run exactly `lag` batches beyond it.
         assert started - 1 == stall_at + lag, f"rank {rank} started batches 0..{started - 1} while rank 2 was stalled"
+    # While its source had nothing (NotYet), the stalled rank finished every batch it held.
+    assert sum(t < resumed for t in done_at) == stall_at, f"rank 2 finished {sum(t < resumed for t in done_at)} batches"
 
 
 def _rotating_slow_lookups(rank, world, lag, batches_n, slow_s):

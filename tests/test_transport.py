@@ -17,15 +17,20 @@ def _exchange(rank, world, cycles):
     for cycle in range(cycles):  # open and close repeatedly: every close must return
         mesh = Mesh(dist.PrefixStore(f"cycle{cycle}/", store), rank, world, timeout_s=30)
         trackers = []
+        held = cycle % 2 == 1  # odd cycles: the small messages are held, then leave in one frame
         for p in mesh.peers:
+            mesh.send(p, tag=9, seq=cycle, payload=b"", hold=held)
+            mesh.send(p, tag=8, seq=cycle, payload=bytes([rank]) * 3, hold=held)
             big = bytes([rank, p]) * (40_000 * (1 + cycle % 2))  # 80 KB (sent uncopied) or 160 KB
-            trackers.append(mesh.send(p, tag=7, seq=cycle, payload=big))
-            mesh.send(p, tag=8, seq=cycle, payload=bytes([rank]) * 3)
+            trackers.append(mesh.send(p, tag=7, seq=cycle, payload=big))  # sends what is held first
+            mesh.send(p, tag=10, seq=cycle, payload=b"end", hold=held)
+        mesh.flush()
         deadline = time.monotonic() + 30
         messages = []
-        while len(messages) < 2 * len(mesh.peers) and time.monotonic() < deadline:
+        while len(messages) < 4 * len(mesh.peers) and time.monotonic() < deadline:
             messages += mesh.recv(1.0)
-        got.append(sorted((m.peer, m.tag, m.seq, len(m.payload), bytes(m.payload[:2])) for m in messages))
+        # Sorted by peer only: each peer's messages stay in arrival order.
+        got.append(sorted(((m.peer, m.tag, m.seq, len(m.payload), bytes(m.payload[:2])) for m in messages), key=lambda m: m[0]))
         for t in trackers:
             t.wait(30)
         mesh.close()
@@ -39,10 +44,11 @@ def test_messages_arrive_whole_from_the_named_peer_and_the_mesh_reopens_cleanly(
         assert status == "ok", f"rank {rank}: {got}"
         for cycle, messages in enumerate(got):
             size = 80_000 * (1 + cycle % 2)
-            expected = sorted(
-                [(p, 7, cycle, size, bytes([p, rank])) for p in range(world) if p != rank]
-                + [(p, 8, cycle, 3, bytes([p, p])) for p in range(world) if p != rank]
-            )
+            expected = [
+                m for p in range(world) if p != rank
+                for m in [(p, 9, cycle, 0, b""), (p, 8, cycle, 3, bytes([p, p])), (p, 7, cycle, size, bytes([p, rank])),
+                          (p, 10, cycle, 3, b"en")]
+            ]
             assert messages == expected, f"rank {rank}, cycle {cycle}"
 
 

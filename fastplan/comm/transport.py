@@ -5,11 +5,14 @@ every peer's PULL; endpoints and a per-job secret are exchanged through the job'
 torch.distributed store (the rendezvous every rank already trusts). Connections use ZeroMQ's PLAIN
 mechanism (user = rank, password = the secret), checked by pyzmq's ZAP thread, so only members of
 the job can deliver. A message is a fixed binary header (sender, tag, seq, payload size: four int64)
-and one payload of bytes; nothing is deserialised beyond that header, a header that does not check
-out is an error naming the sender, and oversized messages are refused by libzmq.
+and one payload of bytes, in one frame (two from 64 KiB on, so that the payload leaves uncopied); small
+messages held for a peer (`send(..., hold=True)`) leave back to back in one frame at `flush()`. Nothing
+is deserialised beyond that header, a header that does not check out is an error naming the sender, and
+oversized messages are refused by libzmq.
 
     mesh.send(peer, tag, seq, payload)   # never blocks: queued, then written by the I/O thread
                                          # (big payloads uncopied: returns a tracker)
+    mesh.flush()                         # send what send(..., hold=True) held, one frame per peer
     mesh.recv(timeout_s) -> [Message]    # everything that arrived, waiting up to timeout_s for it
     mesh.lost() -> {peer: reason}        # peers that went away without saying goodbye
     mesh.close()                         # flush, say goodbye, close
@@ -22,6 +25,7 @@ last messages may still be in flight when the drop is seen).
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import struct
 import time
@@ -104,17 +108,36 @@ class Mesh:
         self._dropped: Dict[int, tuple] = {}  # peer -> (monotonic time, reason)
         self._said_bye: set = set()
         self._error: Optional[MeshError] = None
+        self._held: Dict[int, List[bytes]] = {}  # peer -> messages waiting for flush()
 
-    def send(self, peer: int, tag: int, seq: int, payload=b"", copy: bool = False) -> Optional[zmq.MessageTracker]:
+    def send(
+        self, peer: int, tag: int, seq: int, payload=b"", copy: bool = False, hold: bool = False
+    ) -> Optional[zmq.MessageTracker]:
         """Queue one message for `peer`; never blocks. Unless `copy`, a payload of `zmq.COPY_THRESHOLD`
         (64 KiB) or more is not copied: the returned tracker's `done` turns True once ZeroMQ no longer
-        reads it (the caller must neither modify nor free the payload before)."""
-        nbytes = memoryview(payload).nbytes
-        track = not copy and nbytes >= zmq.COPY_THRESHOLD
+        reads it (the caller must neither modify nor free the payload before). With `hold`, a smaller
+        message waits for `flush()` and leaves in one frame with the others held for that peer."""
+        view = memoryview(payload)
+        header = _HEADER.pack(self.rank, tag, seq, view.nbytes)
+        if copy or view.nbytes < zmq.COPY_THRESHOLD:
+            self._held.setdefault(peer, []).append(header + view.cast("B"))
+            if not hold:
+                self._flush(peer)
+            return None
+        self._flush(peer)  # messages to a peer arrive in the order they were sent
         out = self._outs[peer]
-        out.send(_HEADER.pack(self.rank, tag, seq, nbytes), zmq.SNDMORE)
-        tracker = out.send(payload, copy=not track, track=track)
-        return tracker if track else None
+        out.send(header, zmq.SNDMORE)
+        return out.send(view, copy=False, track=True)
+
+    def flush(self) -> None:
+        """Send the held messages: one frame per peer (one wake-up of each side's I/O thread)."""
+        for peer in list(self._held):
+            self._flush(peer)
+
+    def _flush(self, peer: int) -> None:
+        held = self._held.pop(peer, None)
+        if held:
+            self._outs[peer].send(held[0] if len(held) == 1 else b"".join(held))
 
     def recv(self, timeout_s: float) -> List[Message]:
         """Every message that has arrived, waiting up to `timeout_s` for the first one. A malformed
@@ -124,7 +147,7 @@ class Mesh:
         self._drain(out)
         if out or timeout_s <= 0:
             return out
-        for sock, _ in self._poller.poll(max(0, int(timeout_s * 1000))):
+        for sock, _ in self._poller.poll(math.ceil(timeout_s * 1000)):  # rounded up: no busy loop
             if sock in self._monitors:
                 self._note_event(sock)
         self._drain(out)
@@ -146,9 +169,12 @@ class Mesh:
             self._drain([])  # goodbyes that already arrived: those peers are gone, nothing more reaches them
         except MeshError:
             pass  # closing anyway: a malformed message left unread no longer matters
-        for p, d in self._outs.items():
+        for p in self._outs:
             if p not in self._said_bye:
-                d.send_multipart([_HEADER.pack(self.rank, _BYE, 0, 0), b""])
+                self.send(p, _BYE, 0)
+            else:
+                self._held.pop(p, None)
+        for d in self._outs.values():
             d.setsockopt(zmq.LINGER, int(linger_s * 1000))
         for d in self._outs.values():
             d.disable_monitor()  # before closing the monitor socket: it writes a last event there
@@ -173,35 +199,43 @@ class Mesh:
 
     def _read(self, out: List[Message]) -> None:
         inbox = self._inbox
-        while True:
-            try:
-                frame = inbox.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            # The sender's rank as authenticated by the ZAP handler, whatever its header claims.
+        while inbox.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a recv that raises zmq.Again
+            frame = inbox.recv(zmq.NOBLOCK, copy=False)
+            # The sender's rank as authenticated by the ZAP handler, whatever its headers claim.
             user = frame.get("User-Id")
             sender = int(user[4:]) if user.startswith("rank") and user[4:].isdigit() else -1
-            header = frame.bytes
             if sender not in self._outs:
                 self._discard_rest()
                 raise MeshError(sender, f"message from {user}, not a peer of rank {self.rank}")
-            if len(header) != _HEADER.size or not frame.more:
-                self._discard_rest()
-                raise MeshError(sender, f"malformed message ({len(header)}-byte header) from {user} on rank {self.rank}")
-            peer, tag, seq, nbytes = _HEADER.unpack(header)
-            if peer != sender:
-                self._discard_rest()
-                raise MeshError(sender, f"{user} sent a message claiming to come from rank {peer}")
-            # Small payloads as bytes (cheaper than a frame), big ones without a copy.
-            payload = inbox.recv(copy=nbytes < zmq.COPY_THRESHOLD)
-            view = memoryview(payload if isinstance(payload, bytes) else payload.buffer)
-            if view.nbytes != nbytes or inbox.get(zmq.RCVMORE):
-                self._discard_rest()
-                raise MeshError(peer, f"rank {peer} announced {nbytes} bytes for message {seq} of tag {tag}, sent {view.nbytes}")
-            if tag == _BYE:
-                self._said_bye.add(peer)
+            data = frame.buffer
+            if frame.more:  # one big message: its header, then the payload uncopied
+                if len(data) != _HEADER.size:
+                    self._discard_rest()
+                    raise MeshError(sender, f"malformed message ({len(data)}-byte header) from {user} on rank {self.rank}")
+                payload = inbox.recv(copy=False).buffer
+                self._take(out, sender, data, 0, payload, bool(inbox.get(zmq.RCVMORE)))
                 continue
-            out.append(Message(peer, tag, seq, view))
+            offset = 0  # small messages, back to back: header, payload, header, payload...
+            while offset < len(data):
+                if len(data) - offset < _HEADER.size:
+                    raise MeshError(sender, f"malformed message ({len(data) - offset}-byte header) from {user} on rank {self.rank}")
+                end = offset + _HEADER.size + _HEADER.unpack_from(data, offset)[3]
+                self._take(out, sender, data, offset, data[offset + _HEADER.size:end], False)
+                offset = end
+
+    def _take(self, out: List[Message], sender: int, data, offset: int, payload: memoryview, extra: bool) -> None:
+        """Check one message's header against its sender and payload, then keep it (or note a goodbye)."""
+        peer, tag, seq, nbytes = _HEADER.unpack_from(data, offset)
+        if peer != sender:
+            self._discard_rest()
+            raise MeshError(sender, f"rank{sender} sent a message claiming to come from rank {peer}")
+        if payload.nbytes != nbytes or extra:
+            self._discard_rest()
+            raise MeshError(peer, f"rank {peer} announced {nbytes} bytes for message {seq} of tag {tag}, sent {payload.nbytes}")
+        if tag == _BYE:
+            self._said_bye.add(peer)
+        else:
+            out.append(Message(peer, tag, seq, payload))
 
     def _discard_rest(self) -> None:
         """Read the remaining parts of a bad message so the next one starts clean."""

@@ -8,7 +8,7 @@ from fastplan.comm.bls.collective import (
     new_bls_group,
     register_bls_backend,
 )
-from fastplan.comm.bls.pipeline import BLSInferencePipeline
+from fastplan.comm.bls.pipeline import BLSInferencePipeline, NotYet
 from fastplan.comm.bls.wiring import BLSConfig, wire_bls
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "BLSProcessGroup",
     "BLSTimeoutError",
     "BLSWork",
+    "NotYet",
     "new_bls_group",
     "register_bls_backend",
     "wire_bls",

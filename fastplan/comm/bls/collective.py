@@ -9,7 +9,9 @@ most L + 1 iterations are in flight per channel, and a peer's block can arrive a
 iterations ahead of this rank's posts (further ahead is a protocol error naming the peer). Lag 0
 is the synchronous all-to-all (served by the inner gloo group's `all_to_all_single`); every other
 collective goes to that gloo group too. Inside `batch(b)` (the pipeline) `post` returns as soon as
-it sent: the pipeline enforces the bound itself, by starting a stage only when it may.
+it sent: the pipeline enforces the bound itself, by starting a stage only when it may; and blocks
+under 64 KiB are held until `flush()` (or until this rank waits for anything), so the all-to-alls of
+consecutive pipeline steps reach each peer as one message.
 
 Blocks travel over `fastplan.comm.transport.Mesh` (ZeroMQ): libzmq's I/O thread moves bytes while
 Python computes; an arriving block is copied straight into the output tensor of its post, or held
@@ -163,6 +165,12 @@ class BLSProcessGroup(dist.ProcessGroup):
         finally:
             self._batch.id = previous
 
+    def flush(self) -> None:
+        """Send the blocks posted inside `batch(b)` since the last flush: one message per peer."""
+        if self._mesh is not None:
+            with self._lock:
+                self._mesh.flush()
+
     def take_works(self, batch_id: int) -> List[BLSWork]:
         """The works posted for `batch_id` since the last call (a pipeline stage's all-to-alls)."""
         return self._works.pop(batch_id, [])
@@ -234,15 +242,16 @@ class BLSProcessGroup(dist.ProcessGroup):
                 if early is not None:
                     self._place(ch, early)
             sends = []
+            batch_id = getattr(self._batch, "id", None)
             for p in self.peers:
                 try:
-                    sends.append((p, self._mesh.send(p, ch.tag, iteration, memoryview(src[in_off[p] : in_off[p + 1]]))))
+                    block = memoryview(src[in_off[p] : in_off[p + 1]])
+                    sends.append((p, self._mesh.send(p, ch.tag, iteration, block, hold=batch_id is not None)))
                 except zmq.ZMQError as e:
                     raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from e
             dst[out_off[me] : out_off[me + 1]] = src[in_off[me] : in_off[me + 1]]
             ch.posts += 1
             work = BLSWork(self, ch, iteration, output, [(p, t) for p, t in sends if t is not None])
-            batch_id = getattr(self._batch, "id", None)
             if batch_id is None:
                 self._wait_arrived(ch, iteration - self.lag, self.timeout_s)
             else:
@@ -260,6 +269,8 @@ class BLSProcessGroup(dist.ProcessGroup):
         Raises naming the peer when one that still owes blocks has gone away."""
         with self._lock:
             try:
+                if timeout_s > 0:
+                    self._mesh.flush()  # never wait for peers with our blocks still held
                 messages = self._mesh.recv(timeout_s)
             except MeshError as e:
                 raise BLSError(f"rank {self._rank}: {e}") from None

@@ -5,11 +5,15 @@ Each batch goes through TorchRec's stages: input dist (ids out), the ids' second
 as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`); stages run in
 batch order, so outputs come out in order and bit-identical to the synchronous forward. Each step
 takes, in this order: the oldest batch whose splits arrived (its ids go out); else the next batch,
-if the lag bound allows (every peer's blocks of that stage of batch b - L - 1 arrived) and fewer than
-`max_in_flight` are held; else the oldest batch whose pooled embeddings arrived (dense part) or
-whose ids arrived (lookup, embeddings go out). Communication goes first because peers wait for it.
-A rank blocks on the transport, with a deadline, only when nothing can move. With L = 0 this is
-exactly the stock sharded forward.
+if the lag bound allows (every peer's blocks of that stage of batch b - L - 1 arrived), fewer than
+`max_in_flight` are held and the source has one (it may yield `NotYet`); else the oldest batch
+whose pooled embeddings arrived (dense part) or whose ids arrived (lookup, embeddings go out).
+Communication goes first because peers wait for it. A rank blocks on the transport, with a
+deadline, only when nothing can move. With L = 0 this is exactly the stock sharded forward.
+
+A source that yields `NotYet(seconds)` (an inference service between requests) lets the pipeline
+carry on with the batches it holds: it asks again once that time has passed, so a batch does not
+wait for its successor's arrival, and latency at a load below saturation is the synchronous path's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 Batch = Tuple[Any, KeyedJaggedTensor]  # (dense input, sparse features)
 _INPUT, _FEATURES, _POOLED = 0, 1, 2  # what a batch waits for: splits, ids, pooled embeddings
+
+
+@dataclass(frozen=True)
+class NotYet:
+    """Yielded by a source that has no batch yet: ask again in at most `seconds`."""
+
+    seconds: float
 
 
 @dataclass
@@ -45,7 +56,8 @@ class BLSInferencePipeline:
         dense: `dense(dense_input, keyed_tensor) -> output`, the rest of the model.
         lag: batches a rank may run ahead of the slowest peer (0: synchronous).
         group: the BLS process group the model was sharded on (needed for lag > 0).
-        max_in_flight: batches this rank holds at once (default lag + 1: enough to be `lag` ahead).
+        max_in_flight: batches this rank holds at once (default 3 * lag + 1: each of the three stages
+            `lag` batches ahead of the next, as many as a pipeline that defers each wait by `lag`).
     """
 
     def __init__(
@@ -67,7 +79,7 @@ class BLSInferencePipeline:
         self.dense = dense
         self.lag = lag
         self.group = group
-        self.max_in_flight = max_in_flight or lag + 1
+        self.max_in_flight = max_in_flight or 3 * lag + 1
 
     def run(self, batches: Iterable[Batch]) -> Iterator[Any]:
         """Yield the output of every batch, in order."""
@@ -77,34 +89,43 @@ class BLSInferencePipeline:
         source = iter(batches)
         flight: Deque[_InFlight] = deque()
         posted: Dict[Tuple[int, int], List[Any]] = {}  # (stage, batch) -> its works, kept for the lag rule
-        next_index, exhausted, idle_since = 0, False, None
+        next_index, exhausted, idle_since, source_due = 0, False, None, 0.0
         while flight or not exhausted:
             self.group.progress(0)  # take in what arrived; the checks below only look
             # Communication first (it is cheap and peers wait for it), then the oldest batch's compute.
             item = self._first_at(flight, _INPUT, posted)
             if item is None and not exhausted and len(flight) < self.max_in_flight \
-                    and self._lag_allows(posted, _INPUT, next_index):
+                    and time.monotonic() >= source_due and self._lag_allows(posted, _INPUT, next_index):
                 batch = next(source, None)
                 if batch is None:
                     exhausted = True
                     continue
-                self._start(flight, posted, next_index, *batch)
-                next_index += 1
-                idle_since = None
-                continue
+                if isinstance(batch, NotYet):
+                    source_due = time.monotonic() + batch.seconds
+                else:
+                    self._start(flight, posted, next_index, *batch)
+                    next_index += 1
+                    idle_since = None
+                    continue
             item = item or self._first_at(flight, _POOLED, posted) or self._first_at(flight, _FEATURES, posted)
             if item is not None:
                 idle_since = None
+                if item.stage != _INPUT:
+                    self.group.flush()  # what the communication steps posted leaves before the compute
                 output = self._step(flight, item, posted)
                 if output is not None:
                     yield output
                 continue
-            # Nothing can move until a peer delivers: block on the transport, with a deadline.
+            # Nothing can move until a peer delivers (or the source has a batch): block on the transport.
             now = time.monotonic()
             idle_since = idle_since or now
-            if now - idle_since > self.group.timeout_s:
+            if flight and now - idle_since > self.group.timeout_s:
                 self._raise_stalled(flight)
-            self.group.progress(min(0.25, self.group.timeout_s))
+            wait = min(0.25, self.group.timeout_s)
+            if not exhausted and source_due > now:
+                wait = min(wait, source_due - now)
+            self.group.progress(wait)
+        self.group.flush()
 
     def _first_at(self, flight: Deque[_InFlight], stage: int, posted) -> Optional[_InFlight]:
         """The oldest batch waiting at `stage` if it can move on now (its data arrived, the lag allows)."""
@@ -154,7 +175,11 @@ class BLSInferencePipeline:
         raise RuntimeError(f"no progress in {self.group.timeout_s} s with batches {[i.index for i in flight]} in flight")
 
     def _synchronous(self, batches: Iterable[Batch]) -> Iterator[Any]:
-        for dense_in, features in batches:
+        for batch in batches:
+            if isinstance(batch, NotYet):
+                time.sleep(batch.seconds)
+                continue
+            dense_in, features = batch
             ctx = self.sparse.create_context()
             ids = self.sparse.input_dist(ctx, features).wait().wait()
             yield self.dense(dense_in, self.sparse.compute_and_output_dist(ctx, ids).wait())
