@@ -156,3 +156,16 @@ def test_decoders_raise_only_wire_errors_on_mutated_bytes():
                     assert 0 <= d.rows.min() and d.rows.max() < layout.specs[d.shard].rows
                     assert d.since < d.row_versions.min() and d.row_versions.max() <= d.version
     assert outcomes["refused"] > 1000, outcomes
+
+
+def test_a_shards_parts_must_chain_and_carry_no_row_version_above_their_own():
+    store = new_store()
+    steps = [store.apply_update(KEYS[0], torch.tensor([v, 20 + v]), torch.full((2, 8), float(v))) for v in range(2)]
+    first, second = (encode_part(d) for d in steps)
+    layout = store.layout
+    assert [d.version for d in decode_delta_reply(wire_bytes(encode_delta_reply([first, second])), 2, layout)] == [1, 2]
+    with pytest.raises(WireError, match=r"shard \('a', 0\): a part starting at 0 follows one reaching \(2"):
+        decode_delta_reply(wire_bytes(encode_delta_reply([second, first])), 2, layout)
+    lying = Delta(0, 0, 1, np.array([3, 4]), steps[0].values, np.array([1, 99]))  # row 4 "at v99": later updates skipped
+    with pytest.raises(WireError, match=r"shard \('a', 0\): row version 99 outside \[1, 1\]"):
+        decode_delta_reply(wire_bytes(encode_delta_reply([encode_part(lying)])), 1, layout)

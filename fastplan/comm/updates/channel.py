@@ -17,6 +17,8 @@ import struct
 import time
 from typing import Sequence, Tuple
 
+import numpy as np
+
 from fastplan.comm.updates.layout import Layout
 from fastplan.comm.updates.wire import HEADER, Kind, WireError, decode_error, decode_handshake, encode_handshake, header, parse_header
 
@@ -61,7 +63,7 @@ class Channel:
         self.bytes_out = 0
         self.bytes_in = 0
         self._head = bytearray(HEADER.size)
-        self._buf = bytearray(0)
+        self._buf = np.empty(0, np.uint8)
 
     def send(self, kind: Kind, count: int, bufs: Sequence = (), timeout: float = 10.0) -> int:
         views = [memoryview(b).cast("B") for b in bufs]
@@ -88,8 +90,8 @@ class Channel:
         deadline = time.monotonic() + timeout
         self._fill(memoryview(self._head), deadline, waiting_for)
         kind, count, n = parse_header(self._head, self.limit)  # WireError: the caller names the peer
-        if len(self._buf) < n:
-            self._buf = bytearray(n)
+        if len(self._buf) < n:  # grown geometrically and never zeroed: replies vary in size
+            self._buf = np.empty(max(n, min(2 * len(self._buf), self.limit)), np.uint8)
         body = memoryview(self._buf)[:n]
         self._fill(body, deadline, waiting_for)
         self.bytes_in += HEADER.size + n

@@ -11,10 +11,10 @@ A source (the trainer rank that writes a shard) is always ahead or level, so wit
 and 4 as its reply. A source encodes each published step once and answers an asker that is a few
 steps behind with those steps in order (no per-asker work); under a bandwidth cap it remembers,
 per connection, which rows it already sent, so a cut-short delta is not sent again. Other peers
-are probed every `probe_interval_s`. A shard is fetched by one
-thread at a time, its source's while the source answers, so replicas serve each other what a
-missing source cannot. A peer that is dead, stalls, fails authentication or sends malformed bytes
-is named in `errors` and left alone for `cooldown_s`; the node keeps serving.
+are probed every `probe_interval_s`, for shards whose source has stopped answering: replicas serve
+each other what a missing source cannot. A shard is fetched by one thread at a time. A peer that
+is dead, stalls, fails authentication or sends malformed bytes is named in `errors` and left alone
+for `cooldown_s`; the node keeps serving.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from fastplan.comm.updates.layout import ShardKey
 from fastplan.comm.updates.scheduler import UpdateScheduler
 from fastplan.comm.updates.shard_store import ShardStore
 from fastplan.comm.updates.wire import (
-    REPLY_BYTES, Ask, Delta, EncodedPart, Kind, WireError, decode_delta_reply, decode_delta_request, decode_versions,
+    COMPLETE, REPLY_BYTES, Ask, Delta, EncodedPart, Kind, WireError, decode_delta_reply, decode_delta_request, decode_versions,
     encode_delta_reply, encode_delta_request, encode_part, max_body,
 )
 
@@ -51,7 +51,7 @@ class SyncConfig:
     probe_interval_s: float = 0.1  # how often peers that are not sources are asked
     max_connections: int = 64
     prefix: str = "ekko"  # key prefix in the rendezvous store
-    step_bytes: int = 16 << 20  # a source keeps this much of its latest encoded steps per shard
+    step_bytes: int = 16 << 20  # encoded steps a source keeps per shard; askers further behind get one delta
     host: str = "127.0.0.1"
 
 
@@ -60,6 +60,7 @@ class SyncStats:
     bytes_out: int = 0  # every byte this node wrote (replies, requests, handshakes)
     bytes_in: int = 0
     deltas: int = 0  # delta parts served (full shards excluded)
+    built: int = 0  # parts built for one asker (the rest were published steps, encoded once for all)
     delta_rows: int = 0
     full_shards: int = 0
     full_rows: int = 0
@@ -278,17 +279,20 @@ class SyncNode:
             while not self._stop.is_set() and not store.has_news(sinces) and deadline > time.monotonic():
                 store.changed.wait(deadline - time.monotonic())
         parts, size = [], 0
-        for a in asks:
-            for part in self._answer(a, held):
-                size += part.nbytes
-                if parts and size > REPLY_BYTES:
-                    break  # the asker gets the rest next time
-                parts.append(part)
+        for part in (p for a in asks for p in self._answer(a, held)):
+            size += part.nbytes
             if parts and size > REPLY_BYTES:
-                break
+                break  # the asker gets the rest next time
+            parts.append(part)
         sent = chan.send(Kind.DELTA_REPLY, len(parts), encode_delta_reply(parts), self.config.timeout_s)
         for p in parts:
             self._count(**({"full_shards": 1, "full_rows": p.n} if p.full else {"deltas": 1, "delta_rows": p.n}))
+            shard, flags, _, version, _ = p.entry
+            if flags & COMPLETE:
+                held.pop(shard, None)  # the asker reaches our version: nothing beyond it to remember
+            else:
+                mine = held.setdefault(shard, np.full(layout.specs[shard].rows, -1, np.int64))
+                mine[p.rows] = version if p.versions is None else p.versions
         if self.scheduler is not None:
             self._stop.wait(sent / self.scheduler.bytes_per_s)  # pace: the stream stays under the cap
 
@@ -307,14 +311,10 @@ class SyncNode:
     def _build(self, a: Ask, held: Dict[int, np.ndarray]) -> EncodedPart:
         """One delta for one asker; `held` (per connection) says which rows we already sent it, at
         which row version, in deltas a scheduler cut short."""
+        self._count(built=1)
         d = self.store.delta_since(a.shard, a.since, held.get(a.shard))
         if self.scheduler is not None and not d.full:
             d = self.scheduler.select(self.store, [d])[0]
-        if d.full or d.complete:
-            held.pop(a.shard, None)  # the asker reaches our version: nothing beyond it to remember
-        else:
-            sent = held.setdefault(a.shard, np.full(self.store.layout.specs[a.shard].rows, -1, np.int64))
-            sent[d.rows] = d.row_versions
         return encode_part(d)
 
     # ---- client ----------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def decode_delta_reply(body, count: int, layout: Layout) -> List[Delta]:
         spec = layout.specs[shard]
         what = f"delta reply, shard {spec.key}"
         if f & UNIFORM:
-            rv = np.full(k, version, dtype=np.int64)
+            rv = np.broadcast_to(np.int64(version), (k,))  # read-only, allocates nothing
         else:
             rv = np.frombuffer(body, "<i8", k, off_vers)
             off_vers += 8 * k
