@@ -97,7 +97,7 @@ def summarize(name: str, cfg: StreamConfig, results, bound_rows_per_s: float) ->
         "cores": sum(n["stream_cpu_s"] for n in nodes) / (writes[-1][1] - writes[0][1]),
         "peak MB": max(n["peak_rss_mb"] for n in nodes),
         "errors": errors,
-        "built/parts": sum(n["stats"]["built"] for n in nodes) / max(1, sum(n["stats"]["deltas"] + n["stats"]["full_shards"] for n in nodes)),
+        "built/parts": sum(n["stats"]["built"] for n in nodes) / max(1, sum(n["stats"]["deltas"] for n in nodes)),
     }
 
 
