@@ -82,6 +82,7 @@ def summarize(name: str, cfg: StreamConfig, results, bound_rows_per_s: float) ->
     changed = trainer["rows_written"] * cfg.dim * 4 * cfg.replicas
     wire = sum(n["stats"]["bytes_out"] for n in nodes)
     errors = sum(len(n["errors"]) for n in nodes)
+    parts = sum(n["stats"]["deltas"] + n["stats"]["full_shards"] for n in nodes)
     return {
         "run": name,
         "offered rows/s": cfg.rows_per_s,
@@ -97,7 +98,7 @@ def summarize(name: str, cfg: StreamConfig, results, bound_rows_per_s: float) ->
         "cores": sum(n["stream_cpu_s"] for n in nodes) / (writes[-1][1] - writes[0][1]),
         "peak MB": max(n["peak_rss_mb"] for n in nodes),
         "errors": errors,
-        "built/parts": sum(n["stats"]["built"] for n in nodes) / max(1, sum(n["stats"]["deltas"] for n in nodes)),
+        "built/parts": sum(n["stats"]["built"] for n in nodes) / max(1, parts),
     }
 
 
