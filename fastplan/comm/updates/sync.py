@@ -178,7 +178,8 @@ class SyncNode:
         part = encode_part(d)
         steps.parts.append(part)
         steps.nbytes += part.nbytes
-        while steps.nbytes > self.config.step_bytes and len(steps.parts) > 1:
+        oldest = self.store.shards[d.shard].oldest_answerable  # older askers get the full shard
+        while len(steps.parts) > 1 and (steps.nbytes > self.config.step_bytes or steps.parts[0].entry[2] < oldest):
             steps.nbytes -= steps.parts.popleft().nbytes
 
     def pause(self) -> None:
