@@ -16,7 +16,7 @@ from fastplan.comm.updates.layout import Layout
 from fastplan.comm.updates.shard_store import ShardStore
 from fastplan.comm.updates.sync import SyncConfig, SyncNode
 from fastplan.comm.updates.wire import (
-    Ask, Delta, Kind, WireError, decode_delta_reply, decode_delta_request, encode_delta_reply, encode_delta_request,
+    MAX_PARTS, Ask, Delta, Kind, WireError, decode_delta_reply, decode_delta_request, encode_delta_reply, encode_delta_request,
     encode_part, header,
 )
 
@@ -169,3 +169,5 @@ def test_a_shards_parts_must_chain_and_carry_no_row_version_above_their_own():
     lying = Delta(0, 0, 1, np.array([3, 4]), steps[0].values, np.array([1, 99]))  # row 4 "at v99": later updates skipped
     with pytest.raises(WireError, match=r"shard \('a', 0\): row version 99 outside \[1, 1\]"):
         decode_delta_reply(wire_bytes(encode_delta_reply([encode_part(lying)])), 1, layout)
+    with pytest.raises(WireError, match="parts exceed the limit"):
+        decode_delta_reply(memoryview(bytes(64)), MAX_PARTS + 1, layout)

@@ -34,8 +34,8 @@ from fastplan.comm.updates.layout import ShardKey
 from fastplan.comm.updates.scheduler import UpdateScheduler
 from fastplan.comm.updates.shard_store import ShardStore
 from fastplan.comm.updates.wire import (
-    COMPLETE, REPLY_BYTES, Ask, Delta, EncodedPart, Kind, WireError, decode_delta_reply, decode_delta_request, decode_versions,
-    encode_delta_reply, encode_delta_request, encode_part, max_body,
+    COMPLETE, MAX_PARTS, REPLY_BYTES, Ask, Delta, EncodedPart, Kind, WireError, decode_delta_reply, decode_delta_request,
+    decode_versions, encode_delta_reply, encode_delta_request, encode_part, max_body,
 )
 
 logger = logging.getLogger("fastplan.ekko")
@@ -282,7 +282,7 @@ class SyncNode:
         parts, size = [], 0
         for part in (p for a in asks for p in self._answer(a, held)):
             size += part.nbytes
-            if parts and size > REPLY_BYTES:
+            if parts and (size > REPLY_BYTES or len(parts) == MAX_PARTS):
                 break  # the asker gets the rest next time
             parts.append(part)
         sent = chan.send(Kind.DELTA_REPLY, len(parts), encode_delta_reply(parts), self.config.timeout_s)

@@ -41,6 +41,7 @@ PART = np.dtype([("shard", "<u4"), ("flags", "<u4"), ("since", "<i8"), ("version
 FULL, COMPLETE, UNIFORM = 1, 2, 4
 MAX_ERROR_TEXT = 4096
 REPLY_BYTES = 64 << 20  # a server fills a reply with parts up to this, tables included (one part always fits)
+MAX_PARTS = 1 << 16  # and with at most this many parts (each costs the receiver a little Python)
 
 
 class Kind(enum.IntEnum):
@@ -228,6 +229,8 @@ def encode_delta_reply(parts: Sequence[EncodedPart]) -> List:
 
 def decode_delta_reply(body, count: int, layout: Layout) -> List[Delta]:
     """Deltas whose tensors are views into `body` (valid until the buffer is reused)."""
+    if count > MAX_PARTS:
+        raise WireError(f"delta reply: {count} parts exceed the limit of {MAX_PARTS}")
     table = _table(body, PART, count, layout, "delta reply")
     entries = list(zip(*(table[f].tolist() for f in PART.names)))  # (shard, flags, since, version, n)
     n_vers = n_ids = value_bytes = 0
