@@ -6,7 +6,8 @@ One line per run: rows/s propagated (rows written / time until the last step was
 replica), propagation latency p50/p99 from a step's write to every replica holding it, wire bytes
 (everything every node sent, handshakes and requests included) over the changed rows' values x
 replicas, convergence (sha256 of every replica = trainer), CPU cores busy during the stream (all
-processes), peak RSS of the largest process. "of bound": rows/s over the hardware bound measured
+processes), peak RSS of the largest process, the share of parts a server built for one asker (the
+rest are published steps encoded once for every asker). "of bound": rows/s over the hardware bound measured
 first in the same run (loopback TCP bytes/s / (row bytes x replicas): the source sends every row to
 every replica). Then high-priority latency under a bandwidth cap, priority scheduler vs FIFO.
 
@@ -81,6 +82,7 @@ def summarize(name: str, cfg: StreamConfig, results, bound_rows_per_s: float) ->
     changed = trainer["rows_written"] * cfg.dim * 4 * cfg.replicas
     wire = sum(n["stats"]["bytes_out"] for n in nodes)
     errors = sum(len(n["errors"]) for n in nodes)
+    parts = sum(n["stats"]["deltas"] + n["stats"]["full_shards"] for n in nodes)
     return {
         "run": name,
         "offered rows/s": cfg.rows_per_s,
@@ -96,6 +98,7 @@ def summarize(name: str, cfg: StreamConfig, results, bound_rows_per_s: float) ->
         "cores": sum(n["stream_cpu_s"] for n in nodes) / (writes[-1][1] - writes[0][1]),
         "peak MB": max(n["peak_rss_mb"] for n in nodes),
         "errors": errors,
+        "built/parts": sum(n["stats"]["built"] for n in nodes) / max(1, parts),
     }
 
 

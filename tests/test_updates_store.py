@@ -1,11 +1,15 @@
 """Versioned shards, deltas, the update scheduler and rollback, in one process."""
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 
 from fastplan.comm.updates.layout import Layout
 from fastplan.comm.updates.scheduler import UpdateScheduler
 from fastplan.comm.updates.shard_store import ShardStore, as_tensor
 from fastplan.comm.updates.state import ModelStateManager
+from fastplan.comm.updates.wire import decode_delta_reply, encode_delta_reply, encode_part
 
 KEY = ("t", 0)
 
@@ -17,6 +21,10 @@ def store(rows=100, dim=4, cache_rows=1000):
 
 def weights(s):
     return s.tensors()[KEY]
+
+
+def wire_bytes(bufs):
+    return b"".join(np.ascontiguousarray(b).tobytes() if isinstance(b, np.ndarray) else bytes(b) for b in bufs)
 
 
 def test_delta_carries_only_rows_changed_since_the_askers_version():
@@ -62,7 +70,7 @@ def test_a_delta_that_starts_beyond_the_holders_version_is_not_applied():
     assert replica.versions() == {KEY: 0} and float(weights(replica).abs().sum()) == 0.0
 
 
-def test_rows_the_asker_already_has_are_not_sent_again():
+def test_rows_a_server_already_sent_in_a_cut_short_delta_are_not_sent_again():
     trainer, replica = store(), store()
     for v in range(6):
         trainer.apply_update(KEY, torch.arange(10 * v, 10 * v + 10), torch.randn(10, 4))
@@ -71,11 +79,14 @@ def test_rows_the_asker_already_has_are_not_sent_again():
     assert not part.complete and 0 < part.n < 60
     replica.apply_delta(part)
     assert replica.versions() == {KEY: 0}  # an incomplete delta keeps the shard version
-    rest = trainer.delta_since(0, 0, *replica.known_beyond(0))
-    assert set(rest.rows.tolist()).isdisjoint(part.rows.tolist())
-    assert rest.n + part.n == 60
+    held = np.full(100, -1)
+    held[part.rows] = part.row_versions  # what the server remembers sending on this connection
+    trainer.apply_update(KEY, part.rows[:1], torch.ones(1, 4))  # ... one of which changes again
+    rest = trainer.delta_since(0, 0, held)
+    assert set(rest.rows.tolist()) & set(part.rows.tolist()) == {int(part.rows[0])}
+    assert rest.n + part.n == 61
     replica.apply_delta(rest)
-    assert torch.equal(weights(replica), weights(trainer)) and replica.versions() == {KEY: 6}
+    assert torch.equal(weights(replica), weights(trainer)) and replica.versions() == {KEY: 7}
 
 
 def test_priority_scheduler_sends_big_hot_changes_before_fifo_would():
@@ -113,13 +124,7 @@ def test_rollback_restores_the_exact_earlier_bytes_and_stops_serving_undone_chan
     assert torch.equal(weights(follower), good_bytes)
 
 
-def test_a_replica_relays_rows_newer_than_its_shard_version_and_the_receiver_still_converges():
-    from dataclasses import replace
-
-    import numpy as np
-
-    from fastplan.comm.updates.wire import decode_delta_reply, encode_delta_reply, encode_part
-
+def test_a_replica_relays_rows_beyond_its_version_as_of_its_version_and_the_receiver_still_converges():
     trainer, a, b = store(), store(), store()
     trainer.apply_update(KEY, torch.tensor([1, 2]), torch.ones(2, 4))  # v1
     a.apply_delta(trainer.delta_since(0, 0))
@@ -127,12 +132,27 @@ def test_a_replica_relays_rows_newer_than_its_shard_version_and_the_receiver_sti
     trainer.apply_update(KEY, torch.tensor([5]), torch.full((1, 4), 3.0))  # v3
     d = trainer.delta_since(0, 1)
     a.apply_delta(replace(d, rows=d.rows[:1], values=d.values[:1], row_versions=d.row_versions[:1], complete=False))
-    bufs = encode_delta_reply([encode_part(a.delta_since(0, 0))])  # a at v1 holds row 2 at v2
-    body = b"".join(x.tobytes() if isinstance(x, np.ndarray) else bytes(x) for x in bufs)
-    (relay,) = decode_delta_reply(memoryview(body), 1, a.layout)
-    assert relay.version == 1 and relay.row_versions.tolist() == [1, 2]
+    body = wire_bytes(encode_delta_reply([encode_part(a.delta_since(0, 0))]))  # a at v1 holds row 2 at v2
+    (relay,) = decode_delta_reply(memoryview(body), 1, a.layout)  # refused if row 2 travelled as v2
+    assert relay.version == 1 and relay.row_versions.tolist() == [1, 1]
     b.apply_delta(relay)
-    rest = trainer.delta_since(0, 1, *b.known_beyond(0))
-    assert rest.rows.tolist() == [5]  # b told the trainer it already has row 2 at v2
+    rest = trainer.delta_since(0, 1)
+    assert rest.rows.tolist() == [2, 5]
     b.apply_delta(rest)
     assert torch.equal(weights(b), weights(trainer)) and b.versions() == {KEY: 3}
+
+
+def test_a_full_shard_never_takes_a_row_back_to_an_older_version():
+    trainer, replica = store(cache_rows=1), store()
+    trainer.apply_update(KEY, torch.tensor([1]), torch.ones(1, 4))  # v1
+    trainer.apply_update(KEY, torch.tensor([2]), torch.ones(1, 4))  # v2
+    behind = trainer.delta_since(0, 0)  # the full shard at v2
+    trainer.apply_update(KEY, torch.tensor([1]), torch.full((1, 4), 3.0))  # v3
+    d = trainer.delta_since(0, 0)
+    row1 = replace(d, rows=np.array([1]), values=d.values[1:2], row_versions=d.row_versions[1:2], full=False, complete=False)
+    assert replica.apply_delta(row1)  # row 1 at v3 from a cut-short delta, shard still at v0
+    assert behind.full and replica.apply_delta(behind)
+    assert replica.versions() == {KEY: 2}
+    assert float(weights(replica)[1, 0]) == 3.0  # still the v3 row
+    replica.apply_delta(trainer.delta_since(0, 2))
+    assert torch.equal(weights(replica), weights(trainer)) and replica.versions() == {KEY: 3}

@@ -41,3 +41,15 @@ def test_peer_that_stops_answering_is_named_and_the_others_keep_syncing():
     assert sorted(results["trainer"]["converged"]) == [1, 2, 3]
     named = [e["what"] for r in (1, 2) for e in results["replicas"][r]["errors"] if e["rank"] == 3]
     assert named and all("rank 3" in w for w in named) and any("did not answer" in w for w in named), named
+
+
+def test_under_a_bandwidth_cap_a_row_already_sent_is_not_sent_or_listed_again():
+    cfg = StreamConfig(replicas=2, rows=5000, rows_per_s=20_000, duration_s=1.0, scheduler="fifo",
+                       bandwidth_bytes_per_s=1.5e6, seed=5)  # 2.6 MB/s of changes per replica: a backlog
+    results = run_stream(cfg)
+    assert sorted(results["trainer"]["converged"]) == [1, 2]
+    trainer = results["trainer"]["stats"]
+    changed = results["trainer"]["rows_written"] * cfg.dim * 4 * cfg.replicas
+    wire = sum(n["stats"]["bytes_out"] for n in everyone(results))
+    headers = 200 * sum(n["stats"]["pulls"] for n in everyone(results)) + 1000 * 20
+    assert wire <= 1.1 * (changed + trainer["delta_rows"] * ROW_OVERHEAD) + headers, (wire, changed)

@@ -16,7 +16,7 @@ from fastplan.comm.updates.layout import Layout
 from fastplan.comm.updates.shard_store import ShardStore
 from fastplan.comm.updates.sync import SyncConfig, SyncNode
 from fastplan.comm.updates.wire import (
-    Ask, Delta, Kind, WireError, decode_delta_reply, decode_delta_request, encode_delta_reply, encode_delta_request,
+    MAX_PARTS, Ask, Delta, Kind, WireError, decode_delta_reply, decode_delta_request, encode_delta_reply, encode_delta_request,
     encode_part, header,
 )
 
@@ -130,7 +130,7 @@ def test_decoders_raise_only_wire_errors_on_mutated_bytes():
     layout = store.layout
     parts = [encode_part(store.delta_since(0, 0)), encode_part(store.delta_since(1, 0))]
     reply = wire_bytes(encode_delta_reply(parts))
-    request = wire_bytes(encode_delta_request([Ask(0, 0, np.array([2, 5]), np.array([1, 1])), Ask(1, 0, np.zeros(0, np.int64), np.zeros(0, np.int64))], 7))
+    request = wire_bytes(encode_delta_request([Ask(0, 0), Ask(1, 3)], 7))
     decoded = decode_delta_reply(reply, 2, layout)
     assert [d.rows.tolist() for d in decoded] == [[1, 9, 30], list(range(64))]
     assert decode_delta_request(request, 2, layout)[1] == 7
@@ -151,7 +151,23 @@ def test_decoders_raise_only_wire_errors_on_mutated_bytes():
                 continue
             outcomes["ok"] += 1
             for d in out:  # what got through is within the layout
-                spec = layout.specs[d.shard if isinstance(d, Delta) else d.shard]
-                rows = d.rows if isinstance(d, Delta) else d.known_rows
-                assert rows is None or len(rows) == 0 or (0 <= rows.min() and rows.max() < spec.rows)
+                assert 0 <= d.shard < len(layout)
+                if isinstance(d, Delta) and d.rows is not None and len(d.rows):
+                    assert 0 <= d.rows.min() and d.rows.max() < layout.specs[d.shard].rows
+                    assert d.since < d.row_versions.min() and d.row_versions.max() <= d.version
     assert outcomes["refused"] > 1000, outcomes
+
+
+def test_a_shards_parts_must_chain_and_carry_no_row_version_above_their_own():
+    store = new_store()
+    steps = [store.apply_update(KEYS[0], torch.tensor([v, 20 + v]), torch.full((2, 8), float(v))) for v in range(2)]
+    first, second = (encode_part(d) for d in steps)
+    layout = store.layout
+    assert [d.version for d in decode_delta_reply(wire_bytes(encode_delta_reply([first, second])), 2, layout)] == [1, 2]
+    with pytest.raises(WireError, match=r"shard \('a', 0\): a part starting at 0 follows one reaching \(2"):
+        decode_delta_reply(wire_bytes(encode_delta_reply([second, first])), 2, layout)
+    lying = Delta(0, 0, 1, np.array([3, 4]), steps[0].values, np.array([1, 99]))  # row 4 "at v99": later updates skipped
+    with pytest.raises(WireError, match=r"shard \('a', 0\): row version 99 outside \[1, 1\]"):
+        decode_delta_reply(wire_bytes(encode_delta_reply([encode_part(lying)])), 1, layout)
+    with pytest.raises(WireError, match="parts exceed the limit"):
+        decode_delta_reply(memoryview(bytes(64)), MAX_PARTS + 1, layout)

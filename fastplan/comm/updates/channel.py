@@ -1,6 +1,10 @@
 """One TCP connection between two ekko nodes: framed messages with deadlines and a size limit, and
 an HMAC challenge-response in both directions proving that each end holds the job's secret and
-the same shard layout. Until that handshake passes, a peer may send only a few hundred bytes."""
+the same shard layout. Until that handshake passes, a peer may send only a few hundred bytes.
+
+Sockets block, with the kernel's send/receive timeouts as deadlines, so a message of any size moves
+in one system call each way (MSG_WAITALL): a thread takes Python's GIL back once per message, not
+once per socket buffer, which is what kept busy processes from filling the wire."""
 
 from __future__ import annotations
 
@@ -13,11 +17,14 @@ import struct
 import time
 from typing import Sequence, Tuple
 
+import numpy as np
+
 from fastplan.comm.updates.layout import Layout
 from fastplan.comm.updates.wire import HEADER, Kind, WireError, decode_error, decode_handshake, encode_handshake, header, parse_header
 
 PREAUTH_LIMIT = 256  # bytes a peer may send before it has authenticated
 _RANKS = struct.Struct("<ii")
+_TIMEVAL = struct.Struct("@ll")  # struct timeval
 
 
 class PeerError(Exception):
@@ -49,28 +56,30 @@ class Channel:
 
     def __init__(self, sock: socket.socket, peer: str, limit: int = PREAUTH_LIMIT) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
         self.sock = sock
         self.peer = peer
         self.limit = limit
         self.bytes_out = 0
         self.bytes_in = 0
         self._head = bytearray(HEADER.size)
-        self._buf = bytearray(0)
+        self._buf = np.empty(0, np.uint8)
 
     def send(self, kind: Kind, count: int, bufs: Sequence = (), timeout: float = 10.0) -> int:
         views = [memoryview(b).cast("B") for b in bufs]
         views = [v for v in views if len(v)]
         n = sum(len(v) for v in views)
         views.insert(0, memoryview(header(kind, count, n)))
-        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
         try:
             while views:
+                self._deadline(socket.SO_SNDTIMEO, deadline)
                 sent = self.sock.sendmsg(views[:512])
                 while views and sent >= len(views[0]):
                     sent -= len(views.pop(0))
                 if sent:
                     views[0] = views[0][sent:]
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             raise PeerTimeout(self.peer, f"did not take a {kind.name} message within {timeout:.1f} s") from None
         except OSError as e:
             raise PeerError(self.peer, f"connection lost while sending ({e})") from None
@@ -81,8 +90,8 @@ class Channel:
         deadline = time.monotonic() + timeout
         self._fill(memoryview(self._head), deadline, waiting_for)
         kind, count, n = parse_header(self._head, self.limit)  # WireError: the caller names the peer
-        if len(self._buf) < n:
-            self._buf = bytearray(n)
+        if len(self._buf) < n:  # grown geometrically and never zeroed: replies vary in size
+            self._buf = np.empty(max(n, min(2 * len(self._buf), self.limit)), np.uint8)
         body = memoryview(self._buf)[:n]
         self._fill(body, deadline, waiting_for)
         self.bytes_in += HEADER.size + n
@@ -93,19 +102,23 @@ class Channel:
     def _fill(self, view: memoryview, deadline: float, waiting_for: str) -> None:
         got = 0
         while got < len(view):
-            left = deadline - time.monotonic()
             try:
-                if left <= 0:
-                    raise socket.timeout
-                self.sock.settimeout(left)
-                k = self.sock.recv_into(view[got:])
-            except socket.timeout:
+                self._deadline(socket.SO_RCVTIMEO, deadline)
+                k = self.sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
+            except (socket.timeout, BlockingIOError):
                 raise PeerTimeout(self.peer, f"did not answer {waiting_for} in time") from None
             except OSError as e:
                 raise PeerError(self.peer, f"connection lost ({e})") from None
             if k == 0:
                 raise PeerError(self.peer, "closed the connection")
             got += k
+
+    def _deadline(self, option: int, deadline: float) -> None:
+        """The kernel gives up on the next send/receive at `deadline` (raises socket.timeout if past)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout
+        self.sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(int(left), max(1, int(left % 1 * 1e6))))
 
     def refuse(self, reason: str) -> None:
         """Tell the peer why it is being dropped (best effort), then close."""

@@ -167,7 +167,9 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
             rows = plan[step][t]
             if hot and cfg.scheduler == "priority":
                 store.record_reads(key, np.tile(rows, 20))
-            updates[key] = (rows, tables[key].numpy()[rows] + scale * shifts[step, t])
+            values = np.take(tables[key].numpy(), rows, axis=0)  # 2x faster than fancy indexing
+            values += scale * shifts[step, t]
+            updates[key] = (rows, values)
         node.publish(updates)
         writes.append((step, time.time(), hot))
         if hot:
@@ -227,7 +229,7 @@ def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> N
             if min(store.versions().values()) >= final_version and store.checksum() == kv.get("ekko/final").decode():
                 kv.set(f"ekko/converged/{rank}", "1")
                 done = True
-        time.sleep(0.01)
+        time.sleep(0.05)  # rendezvous polls cost CPU the stream needs; latencies come from apply times
     node.stop()
     out.put(("replica", rank, {"applied": applied, "row_log": row_log, "stats": asdict(node.stats), "converged": done,
                                "restarted": restarted, "errors": [asdict(e) for e in node.errors], **usage(),

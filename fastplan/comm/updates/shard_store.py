@@ -25,6 +25,8 @@ from fastplan.comm.updates.layout import Layout, ShardKey, ShardSpec
 from fastplan.comm.updates.wire import Delta
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int8: np.int8,
+          torch.uint8: np.uint8}
 
 
 def row_view(t: torch.Tensor) -> np.ndarray:
@@ -39,6 +41,8 @@ def as_rows(values, spec: ShardSpec) -> np.ndarray:
     """Values (n, cols) of a shard as raw rows (a copy the caller may not change under us)."""
     if isinstance(values, np.ndarray) and values.dtype == np.dtype((np.void, spec.row_bytes)):
         return np.array(values, copy=True)
+    if isinstance(values, np.ndarray) and values.dtype == _NUMPY.get(spec.dtype):  # skips torch: 3x faster
+        return np.array(values, order="C").reshape(-1, spec.cols).view(np.dtype((np.void, spec.row_bytes)))[:, 0]
     t = torch.as_tensor(values).detach().to(spec.dtype).reshape(-1, spec.cols).contiguous()
     return row_view(t).copy()  # a numpy copy: torch's own copy is slow on a busy host with intra-op threads
 
@@ -175,14 +179,15 @@ class ShardStore:
             s.cached_rows -= len(evicted)
             s.oldest_answerable = v  # an asker at v already has this change; older askers need the full shard
 
-    def delta_since(self, shard: int, since: int, known_rows: Optional[np.ndarray] = None,
-                    known_versions: Optional[np.ndarray] = None) -> Delta:
-        """What changed after `since`, leaving out rows the asker already holds at the same or a newer
-        row version (`known_*`, sorted rows). Askers older than the update cache get the full shard."""
+    def delta_since(self, shard: int, since: int, held: Optional[np.ndarray] = None) -> Delta:
+        """What changed after `since`, leaving out rows the asker is known to hold at their current row
+        version (`held`: a row version per row, -1 unknown). Askers older than the update cache get
+        the full shard. Row versions are capped at the shard version: rows this node got beyond it
+        (from incomplete deltas) travel as of the shard version, which is all a receiver may trust."""
         with self.lock:
             s = self.shards[shard]
             if since < s.oldest_answerable or since > s.version:
-                return Delta(shard, since, s.version, None, s.rows.copy(), s.row_versions.copy(), full=True)
+                return Delta(shard, since, s.version, None, s.rows.copy(), np.minimum(s.row_versions, s.version), full=True)
             parts = []
             for v, _, rows in reversed(s.cache):
                 if v <= since:
@@ -193,11 +198,9 @@ class ShardStore:
             else:
                 rows = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
                 rows = rows[s.row_versions[rows] > since]  # a replica's cache entry may span versions
-            if known_rows is not None and len(known_rows) and len(rows):
-                pos = np.searchsorted(known_rows, rows).clip(max=len(known_rows) - 1)
-                keep = (known_rows[pos] != rows) | (s.row_versions[rows] > known_versions[pos])
-                rows = rows[keep]
-            return Delta(shard, since, s.version, rows, s.rows[rows], s.row_versions[rows])
+            if held is not None and len(rows):
+                rows = rows[s.row_versions[rows] > held[rows]]
+            return Delta(shard, since, s.version, rows, s.rows[rows], np.minimum(s.row_versions[rows], s.version))
 
     def change_times(self, shard: int, row_versions: np.ndarray) -> np.ndarray:
         """When each row version was written here (seconds; versions no longer cached count as oldest)."""
@@ -218,23 +221,25 @@ class ShardStore:
         with self.changed:
             s = self.shards[d.shard]
             old = s.version
-            if d.full:
+            if d.full:  # rows held newer than the sender's (from incomplete deltas) stay
                 if s.undo is not None:
                     s.undo.remember(s, np.arange(s.spec.rows))
-                s.rows[:] = d.values
-                s.row_versions[:] = d.row_versions
+                older = d.row_versions >= s.row_versions
+                s.rows[older] = d.values[older]
+                s.row_versions[older] = d.row_versions[older]
                 s.version = d.version
                 s.cache.clear()
                 s.cached_rows = 0
                 s.oldest_answerable = d.version
-                s.partial.clear()
+                beyond = np.flatnonzero(s.row_versions > s.version)
+                s.partial = [beyond] if len(beyond) else []
                 self.changed.notify_all()
                 return True
             if d.since > old:
                 return False
             rows, values, rv = d.rows, d.values, d.row_versions
-            newer = rv > s.row_versions[rows]
-            if not newer.all():  # rows this replica already got newer from an incomplete delta
+            if s.partial or d.since < old:  # some rows may be here newer already (incomplete deltas)
+                newer = rv > s.row_versions[rows]
                 rows, values, rv = rows[newer], values[newer], rv[newer]
             if s.undo is not None:
                 s.undo.remember(s, rows)
@@ -247,19 +252,10 @@ class ShardStore:
                 brought = np.unique(np.concatenate([d.rows, *s.partial])) if s.partial else d.rows
                 s.version = d.version
                 self._cache_add(s, d.version, brought)
-                beyond = brought[s.row_versions[brought] > s.version]  # relayed from a peer's partial rows
+                beyond = brought[s.row_versions[brought] > s.version]  # still ahead, from incomplete deltas
                 s.partial = [beyond] if len(beyond) else []
             self.changed.notify_all()
             return True
-
-    def known_beyond(self, shard: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Rows held at a row version above the shard version (from incomplete deltas), sorted."""
-        with self.lock:
-            s = self.shards[shard]
-            if not s.partial:
-                return np.zeros(0, np.int64), np.zeros(0, np.int64)
-            rows = np.unique(np.concatenate(s.partial))
-            return rows, s.row_versions[rows]
 
     # ---- scheduler and state manager -------------------------------------------------------------
     def track_importance(self) -> None:

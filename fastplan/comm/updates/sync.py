@@ -3,15 +3,18 @@
 Every node (a trainer rank or an inference replica) serves its `ShardStore` over TCP and publishes
 its address in the job's rendezvous store. A replica pulls from every peer at once, one thread per
 peer, in Ekko's four steps: (1) send its shard versions, (2) receive the peer's, (3) for shards
-where the peer is ahead, send the version it holds and the rows it already has beyond it, (4)
-receive only the rows changed since, applied straight into the shard tensors.
+where the peer is ahead, send the version it holds, (4) receive only the rows changed since,
+applied straight into the shard tensors.
 
 A source (the trainer rank that writes a shard) is always ahead or level, so with a source steps
 1 and 3 travel as one request that the source holds until it has news (a long poll), and steps 2
-and 4 as its reply. Other peers are probed every `probe_interval_s`. A shard is fetched by one
-thread at a time, its source's while the source answers, so replicas serve each other what a
-missing source cannot. A peer that is dead, stalls, fails authentication or sends malformed bytes
-is named in `errors` and left alone for `cooldown_s`; the node keeps serving.
+and 4 as its reply. A source encodes each published step once and answers an asker that is a few
+steps behind with those steps in order (no per-asker work); under a bandwidth cap it remembers,
+per connection, which rows it already sent, so a cut-short delta is not sent again. Other peers
+are probed every `probe_interval_s`, for shards whose source has stopped answering: replicas serve
+each other what a missing source cannot. A shard is fetched by one thread at a time. A peer that
+is dead, stalls, fails authentication or sends malformed bytes is named in `errors` and left alone
+for `cooldown_s`; the node keeps serving.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -30,8 +34,8 @@ from fastplan.comm.updates.layout import ShardKey
 from fastplan.comm.updates.scheduler import UpdateScheduler
 from fastplan.comm.updates.shard_store import ShardStore
 from fastplan.comm.updates.wire import (
-    REPLY_BYTES, Ask, Delta, EncodedPart, Kind, WireError, decode_delta_reply, decode_delta_request, decode_versions,
-    encode_delta_reply, encode_delta_request, encode_part, max_body,
+    COMPLETE, MAX_PARTS, REPLY_BYTES, Ask, Delta, EncodedPart, Kind, WireError, decode_delta_reply, decode_delta_request,
+    decode_versions, encode_delta_reply, encode_delta_request, encode_part, max_body,
 )
 
 logger = logging.getLogger("fastplan.ekko")
@@ -47,6 +51,7 @@ class SyncConfig:
     probe_interval_s: float = 0.1  # how often peers that are not sources are asked
     max_connections: int = 64
     prefix: str = "ekko"  # key prefix in the rendezvous store
+    step_bytes: int = 16 << 20  # encoded steps a source keeps per shard; askers further behind get one delta
     host: str = "127.0.0.1"
 
 
@@ -55,6 +60,7 @@ class SyncStats:
     bytes_out: int = 0  # every byte this node wrote (replies, requests, handshakes)
     bytes_in: int = 0
     deltas: int = 0  # delta parts served (full shards excluded)
+    built: int = 0  # parts built for one asker (the rest were published steps, encoded once for all)
     delta_rows: int = 0
     full_shards: int = 0
     full_rows: int = 0
@@ -77,13 +83,15 @@ class _Peer:
     source: bool = False
     holds: List[int] = field(default_factory=list)  # layout indices of the shards it serves
     avoid_until: float = 0.0
+    epoch: int = 0  # the node's epoch when this connection opened
 
 
 @dataclass
-class _Shared:
-    key: Tuple[int, int]  # (since, version)
-    done: threading.Event = field(default_factory=threading.Event)
-    part: Optional[EncodedPart] = None
+class _Steps:
+    """A source's latest published steps of one shard, encoded once, in version order."""
+
+    parts: Deque[EncodedPart] = field(default_factory=deque)
+    nbytes: int = 0
 
 
 class SyncNode:
@@ -105,13 +113,15 @@ class SyncNode:
         self.stats = SyncStats()
         self.errors: List[PeerFault] = []
         self.serving = True  # False: keep connections but never answer (a stalled peer, for tests)
-        self.paused = False  # True: stop pulling (e.g. after a rollback, until the bad update is dealt with)
+        self.paused = False  # True: pulls stop and replies in flight are dropped (see `pause`)
+        self._epoch = 0  # bumped by `resume`: pull connections opened before it are reopened
         self._stop = threading.Event()
         self._lock = threading.Lock()  # stats, errors, claims, open channels, encoded parts
         self._claimed: Set[int] = set()
+        self._source_answered: Dict[int, float] = {}  # shard -> when its source last answered a pull
         self._open: Set[Channel] = set()
         self._authenticated: Dict[Channel, int] = {}
-        self._encoded: Dict[int, _Shared] = {}  # shard -> the latest encoded part, shared by askers
+        self._steps: Dict[int, _Steps] = {}
         self._threads: List[threading.Thread] = []
         self._listener = socket.create_server((self.config.host, 0), backlog=self.config.max_connections)
         self._listener.settimeout(0.2)
@@ -151,15 +161,39 @@ class SyncNode:
 
     def publish(self, updates: Dict[ShardKey, Tuple[object, object]]) -> Dict[ShardKey, int]:
         """Write one training step ({shard: (rows, values)}): waiting pulls wake once, and each shard's
-        step is encoded once, here, for every asker level with the previous step. Returns new versions."""
+        step is encoded once, here, for every asker. Returns the new versions."""
         with self.store.changed:
             written = [self.store.apply_update(key, rows, values) for key, (rows, values) in updates.items()]
             if self.scheduler is None:
                 with self._lock:
                     for d in written:
-                        self._encoded[d.shard] = _Shared((d.since, d.version), part=encode_part(d))
-                        self._encoded[d.shard].done.set()
+                        self._keep_step(d)
         return {self.store.layout.specs[d.shard].key: d.version for d in written}
+
+    def _keep_step(self, d: Delta) -> None:
+        steps = self._steps.setdefault(d.shard, _Steps())
+        if steps.parts and steps.parts[-1].entry[3] != d.since:  # the store was written around publish
+            steps.parts.clear()
+            steps.nbytes = 0
+        part = encode_part(d)
+        steps.parts.append(part)
+        steps.nbytes += part.nbytes
+        oldest = self.store.shards[d.shard].oldest_answerable  # older askers get the full shard
+        while len(steps.parts) > 1 and (steps.nbytes > self.config.step_bytes or steps.parts[0].entry[2] < oldest):
+            steps.nbytes -= steps.parts.popleft().nbytes
+
+    def pause(self) -> None:
+        """Stop pulling, and drop replies in flight (call under `store.lock` to order it with a
+        rollback: no delta lands after it)."""
+        with self.store.lock:
+            self.paused = True
+
+    def resume(self) -> None:
+        """Pull again, on fresh connections: what peers remember having sent us predates a pause
+        (and perhaps a rollback)."""
+        with self.store.lock:
+            self._epoch += 1
+            self.paused = False
 
     def peers(self) -> Set[int]:
         """Ranks of the peers connected and authenticated to this node's server."""
@@ -204,6 +238,7 @@ class SyncNode:
     def _serve(self, chan: Channel) -> None:
         rank = -1
         layout = self.store.layout
+        held: Dict[int, np.ndarray] = {}  # shard -> row versions sent to this peer in incomplete deltas
         try:
             rank = accept_peer(chan, self.secret, layout, self.rank, self.limit, self.config.timeout_s)
             with self._lock:
@@ -218,7 +253,7 @@ class SyncNode:
                     mine = self.store.version_array()
                     chan.send(Kind.VERSIONS_REPLY, len(mine), [mine], self.config.timeout_s)
                 elif kind is Kind.DELTA:  # steps 3-4
-                    self._send_deltas(chan, *decode_delta_request(body, count, layout))
+                    self._send_deltas(chan, *decode_delta_request(body, count, layout), held)
                 else:
                     raise WireError(f"unexpected {kind.name} message")
         except WireError as e:
@@ -234,7 +269,7 @@ class SyncNode:
                 self._authenticated.pop(chan, None)
             self._track(chan, False)
 
-    def _send_deltas(self, chan: Channel, asks: List[Ask], wait_ms: int) -> None:
+    def _send_deltas(self, chan: Channel, asks: List[Ask], wait_ms: int, held: Dict[int, np.ndarray]) -> None:
         store, layout = self.store, self.store.layout
         missing = [layout.specs[a.shard].key for a in asks if a.shard not in store.shards]
         if missing:
@@ -245,44 +280,40 @@ class SyncNode:
             while not self._stop.is_set() and not store.has_news(sinces) and deadline > time.monotonic():
                 store.changed.wait(deadline - time.monotonic())
         parts, size = [], 0
-        for a in asks:
-            part = self._encode(a)
-            if part is None:
-                continue
-            size += part.n * (layout.specs[a.shard].row_bytes + 12)
-            if parts and size > REPLY_BYTES:
+        for part in (p for a in asks for p in self._answer(a, held)):
+            size += part.nbytes
+            if parts and (size > REPLY_BYTES or len(parts) == MAX_PARTS):
                 break  # the asker gets the rest next time
             parts.append(part)
         sent = chan.send(Kind.DELTA_REPLY, len(parts), encode_delta_reply(parts), self.config.timeout_s)
         for p in parts:
             self._count(**({"full_shards": 1, "full_rows": p.n} if p.full else {"deltas": 1, "delta_rows": p.n}))
+            shard, flags, _, version, _ = p.entry
+            if flags & COMPLETE:
+                held.pop(shard, None)  # the asker reaches our version: nothing beyond it to remember
+            else:
+                mine = held.setdefault(shard, np.full(layout.specs[shard].rows, -1, np.int64))
+                mine[p.rows] = version if p.versions is None else p.versions
         if self.scheduler is not None:
             self._stop.wait(sent / self.scheduler.bytes_per_s)  # pace: the stream stays under the cap
 
-    def _encode(self, a: Ask) -> Optional[EncodedPart]:
-        """The part answering one ask (None: nothing new). Askers at the same version share one
-        encoding: the first computes it, the others wait for it."""
-        version = self.store.shards[a.shard].version
-        if version == a.since:
-            return None
-        if len(a.known_rows) or self.scheduler is not None:
-            return self._build(a)
+    def _answer(self, a: Ask, held: Dict[int, np.ndarray]) -> List[EncodedPart]:
+        """The parts bringing an asker from `a.since` up to date: the published steps since then
+        when this source still has them all, else one delta built for it."""
+        if self.store.shards[a.shard].version == a.since:
+            return []
         with self._lock:
-            shared = self._encoded.get(a.shard)
-            mine = shared is None or shared.key != (a.since, version)
-            if mine:
-                shared = self._encoded[a.shard] = _Shared((a.since, version))
-        if not mine:  # another server thread is encoding it; past the deadline, encode our own
-            shared.done.wait(self.config.timeout_s)
-            return shared.part or self._build(a)
-        try:
-            shared.part = self._build(a)
-        finally:
-            shared.done.set()
-        return shared.part
+            steps = self._steps.get(a.shard)
+            if steps and steps.parts[0].entry[2] <= a.since < steps.parts[-1].entry[3]:
+                skip = a.since - steps.parts[0].entry[2]  # steps are consecutive versions
+                return list(steps.parts)[skip:]
+        return [self._build(a, held)]
 
-    def _build(self, a: Ask) -> EncodedPart:
-        d = self.store.delta_since(a.shard, a.since, a.known_rows, a.known_versions)
+    def _build(self, a: Ask, held: Dict[int, np.ndarray]) -> EncodedPart:
+        """One delta for one asker; `held` (per connection) says which rows we already sent it, at
+        which row version, in deltas a scheduler cut short."""
+        self._count(built=1)
+        d = self.store.delta_since(a.shard, a.since, held.get(a.shard))
         if self.scheduler is not None and not d.full:
             d = self.scheduler.select(self.store, [d])[0]
         return encode_part(d)
@@ -294,6 +325,9 @@ class SyncNode:
             if self.paused or time.monotonic() < peer.avoid_until:
                 self._stop.wait(cfg.min_interval_s if self.paused else peer.avoid_until - time.monotonic())
                 continue
+            if peer.chan is not None and peer.epoch != self._epoch:  # resumed: the peer's memory of us is stale
+                self._track(peer.chan, False)
+                peer.chan = None
             try:
                 if peer.chan is None and not self._connect(peer):
                     self._stop.wait(cfg.probe_interval_s)
@@ -321,6 +355,7 @@ class SyncNode:
             return False  # not started yet: nothing to pull from it
         host, port, role = self.kv.get(key).decode().rsplit(":", 2)
         cfg = self.config
+        peer.epoch = self._epoch
         peer.chan = connect_peer((host, int(port)), peer.rank, self.secret, self.store.layout, self.rank, self.limit, cfg.timeout_s)
         self._track(peer.chan, True)
         peer.source = role == "source"
@@ -353,10 +388,13 @@ class SyncNode:
                 self._claimed.difference_update(claim)
 
     def _probe(self, peer: _Peer) -> None:
-        """The four steps with a peer that is not a source, for shards no other thread is fetching."""
+        """The four steps with a peer that is not a source, for shards that peer has newer and that
+        no source is serving (relaying what a live source sends anyway only adds work)."""
         theirs = self._versions_of(peer)
         mine = self.store.version_array()
-        claim = self._claim([i for i in peer.holds if theirs[i] > mine[i]])
+        orphaned = time.monotonic() - self.config.timeout_s
+        claim = self._claim([i for i in peer.holds
+                             if theirs[i] > mine[i] and self._source_answered.get(i, -np.inf) < orphaned])
         try:
             if claim:
                 self._fetch(peer, claim, 0)
@@ -367,7 +405,7 @@ class SyncNode:
     def _fetch(self, peer: _Peer, shards: List[int], wait_ms: int) -> None:
         store, cfg = self.store, self.config
         mine = store.version_array()
-        asks = [Ask(i, int(mine[i]), *store.known_beyond(i)) for i in shards]
+        asks = [Ask(i, int(mine[i])) for i in shards]
         peer.chan.send(Kind.DELTA, len(asks), encode_delta_request(asks, wait_ms), cfg.timeout_s)
         kind, count, body = peer.chan.recv(wait_ms / 1000 + cfg.timeout_s, "a delta request")
         if kind is not Kind.DELTA_REPLY:
@@ -376,9 +414,14 @@ class SyncNode:
         unasked = {d.shard for d in parts} - set(shards)
         if unasked:
             raise WireError(f"sent shards {sorted(store.layout.specs[i].key for i in unasked)} it was not asked for")
+        if peer.source:
+            self._source_answered.update(dict.fromkeys(shards, time.monotonic()))
         self._count(pulls=1)
-        for d in parts:
-            if store.apply_delta(d):
-                self._count(applied=1, rows_applied=d.n)
-                if self.on_apply is not None:
-                    self.on_apply(store.layout.specs[d.shard].key, store.shards[d.shard].version, d)
+        with store.lock:
+            if self.paused:
+                return  # paused (rolled back) while this pull was in flight
+            for d in parts:
+                if store.apply_delta(d):
+                    self._count(applied=1, rows_applied=d.n)
+                    if self.on_apply is not None:
+                        self.on_apply(store.layout.specs[d.shard].key, store.shards[d.shard].version, d)

@@ -10,11 +10,13 @@ Bodies (little endian):
   ERROR          utf-8 text
   VERSIONS       versions i64[count]                          (count = shards in the layout)
   VERSIONS_REPLY versions i64[count]                          (-1: not held)
-  DELTA          wait_ms u32 pad[4] REQUEST[count] known versions i64[...] known rows i32[...]
+  DELTA          wait_ms u32 pad[4] REQUEST[count]
   DELTA_REPLY    PART[count] row versions i64[...] row ids i32[...] pad-to-8 values[...]
 A delta request with wait_ms > 0 is answered once some asked shard has news, or when the wait
 ends. A reply part omits row ids when FULL (rows 0..n-1) and row versions when UNIFORM (all =
-version); row ids are strictly increasing.
+version); row ids are strictly increasing, row versions lie in (since, version]. A shard may have
+several parts in a reply when they chain (each starts at the version the previous one reached):
+a source sends the steps it encoded once each, in order, rather than merging them per asker.
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ from fastplan.comm.updates.layout import Layout
 
 HEADER = struct.Struct("<4sBBHIQ")
 MAGIC = b"EKKO"
-PROTOCOL = 1
+PROTOCOL = 2
 HANDSHAKE = struct.Struct("<32s32si4x")
 WELCOME = struct.Struct("<32s")
 WAIT = struct.Struct("<I4x")
-REQUEST = np.dtype([("shard", "<u4"), ("n_known", "<u4"), ("since", "<i8")])
+REQUEST = np.dtype([("shard", "<u4"), ("pad", "<u4"), ("since", "<i8")])
 PART = np.dtype([("shard", "<u4"), ("flags", "<u4"), ("since", "<i8"), ("version", "<i8"), ("n_rows", "<u8")])
 FULL, COMPLETE, UNIFORM = 1, 2, 4
 MAX_ERROR_TEXT = 4096
-REPLY_BYTES = 64 << 20  # a server fills a reply with parts up to this (one part always fits)
+REPLY_BYTES = 64 << 20  # a server fills a reply with parts up to this, tables included (one part always fits)
+MAX_PARTS = 1 << 16  # and with at most this many parts (each costs the receiver a little Python)
 
 
 class Kind(enum.IntEnum):
@@ -76,7 +79,7 @@ class Delta:
 
 def max_body(layout: Layout) -> int:
     """The largest body a node accepts: a full reply, or the largest single full shard."""
-    return max(REPLY_BYTES, layout.largest_shard_bytes) + PART.itemsize * len(layout) + 64
+    return max(REPLY_BYTES, layout.largest_shard_bytes + PART.itemsize) + 64
 
 
 def header(kind: Kind, count: int, nbytes: int) -> bytes:
@@ -134,21 +137,17 @@ def decode_versions(body, count: int, layout: Layout) -> np.ndarray:
 # ---- delta requests ---------------------------------------------------------------------------
 @dataclass
 class Ask:
-    """One shard a client asks for: what it holds (`since`) and rows it already has beyond it."""
+    """One shard a client asks for and the version it holds."""
 
     shard: int
     since: int
-    known_rows: np.ndarray  # int64, strictly increasing
-    known_versions: np.ndarray  # int64
 
 
 def encode_delta_request(asks: Sequence[Ask], wait_ms: int = 0) -> List:
     table = np.zeros(len(asks), REQUEST)
-    for i, a in enumerate(asks):
-        table[i] = (a.shard, len(a.known_rows), a.since)
-    rows = [a.known_rows.astype("<i4") for a in asks if len(a.known_rows)]
-    vers = [a.known_versions.astype("<i8") for a in asks if len(a.known_rows)]
-    return [WAIT.pack(wait_ms), table, *vers, *rows]
+    table["shard"] = [a.shard for a in asks]
+    table["since"] = [a.since for a in asks]
+    return [WAIT.pack(wait_ms), table]
 
 
 def _check_rows(rows: np.ndarray, limit: int, what: str) -> None:
@@ -161,16 +160,12 @@ def _check_rows(rows: np.ndarray, limit: int, what: str) -> None:
 
 
 def _table(body, dtype: np.dtype, count: int, layout: Layout, what: str) -> np.ndarray:
-    if count > len(layout):
-        raise WireError(f"{what}: {count} entries for a layout of {len(layout)} shards")
     if len(body) < dtype.itemsize * count:
         raise WireError(f"{what}: body of {len(body)} bytes is shorter than its {count}-entry table")
     table = np.frombuffer(body, dtype, count)
     shards = table["shard"].astype(np.int64)
     if count and int(shards.max()) >= len(layout):
         raise WireError(f"{what}: shard index {int(shards.max())} is not in the layout ({len(layout)} shards)")
-    if len(np.unique(shards)) != count:
-        raise WireError(f"{what}: a shard is listed twice")
     return table
 
 
@@ -180,25 +175,16 @@ def decode_delta_request(body, count: int, layout: Layout) -> Tuple[List[Ask], i
         raise WireError(f"delta request: body of {len(body)} bytes has no wait field")
     (wait_ms,) = WAIT.unpack_from(body)
     body = body[WAIT.size :]
+    _need(body, REQUEST.itemsize * count, "delta request")
     table = _table(body, REQUEST, count, layout, "delta request")
-    entries = list(zip(*(table[f].tolist() for f in REQUEST.names)))  # (shard, n_known, since)
-    for shard, n, since in entries:
-        spec = layout.specs[shard]
-        if n > spec.rows:
-            raise WireError(f"delta request, shard {spec.key}: {n} known rows in a shard of {spec.rows}")
-        if since < -1:
-            raise WireError(f"delta request, shard {spec.key}: since {since} < -1")
-    total = sum(n for _, n, _ in entries)
-    off = REQUEST.itemsize * count
-    _need(body, off + 12 * total, "delta request")
-    vers = np.frombuffer(body, "<i8", total, off)
-    rows = np.frombuffer(body, "<i4", total, off + 8 * total)
-    asks, at = [], 0
-    for shard, n, since in entries:
-        r = rows[at : at + n].astype(np.int64)
-        _check_rows(r, layout.specs[shard].rows, f"delta request, shard {layout.specs[shard].key}, known rows")
-        asks.append(Ask(shard, since, r, vers[at : at + n].astype(np.int64)))
-        at += n
+    if len(np.unique(table["shard"])) != count:
+        raise WireError("delta request: a shard is listed twice")
+    if table["pad"].any():
+        raise WireError("delta request: padding is not zero")
+    asks = [Ask(shard, since) for shard, since in zip(table["shard"].tolist(), table["since"].tolist())]
+    for a in asks:
+        if a.since < -1:
+            raise WireError(f"delta request, shard {layout.specs[a.shard].key}: since {a.since} < -1")
     return asks, wait_ms
 
 
@@ -213,6 +199,11 @@ class EncodedPart:
     values: Optional[np.ndarray]
     n: int
     full: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Its size in a reply (padding included)."""
+        return PART.itemsize + 8 + sum(a.nbytes for a in (self.versions, self.rows, self.values) if a is not None)
 
 
 def encode_part(d: Delta) -> EncodedPart:
@@ -238,14 +229,20 @@ def encode_delta_reply(parts: Sequence[EncodedPart]) -> List:
 
 def decode_delta_reply(body, count: int, layout: Layout) -> List[Delta]:
     """Deltas whose tensors are views into `body` (valid until the buffer is reused)."""
+    if count > MAX_PARTS:
+        raise WireError(f"delta reply: {count} parts exceed the limit of {MAX_PARTS}")
     table = _table(body, PART, count, layout, "delta reply")
     entries = list(zip(*(table[f].tolist() for f in PART.names)))  # (shard, flags, since, version, n)
     n_vers = n_ids = value_bytes = 0
+    reached = {}  # shard -> (version, complete) of its previous part in this reply
     for shard, f, since, version, k in entries:
         spec = layout.specs[shard]
         what = f"delta reply, shard {spec.key}"
         if f & ~(FULL | COMPLETE | UNIFORM):
             raise WireError(f"{what}: unknown flags {f:#x}")
+        if shard in reached and reached[shard] != (since, True):
+            raise WireError(f"{what}: a part starting at {since} follows one reaching {reached[shard]} (version, complete)")
+        reached[shard] = (version, bool(f & COMPLETE))
         if k > spec.rows or (f & FULL and k != spec.rows):
             raise WireError(f"{what}: {k} rows for a shard of {spec.rows}{' (full)' if f & FULL else ''}")
         if version < 0 or since < -1 or (not f & FULL and version <= since):
@@ -262,15 +259,15 @@ def decode_delta_reply(body, count: int, layout: Layout) -> List[Delta]:
         spec = layout.specs[shard]
         what = f"delta reply, shard {spec.key}"
         if f & UNIFORM:
-            rv = np.full(k, version, dtype=np.int64)
+            rv = np.broadcast_to(np.int64(version), (k,))  # read-only, allocates nothing
         else:
             rv = np.frombuffer(body, "<i8", k, off_vers)
             off_vers += 8 * k
-            # rows may be newer than the part's version: a replica relays rows it got from a scheduler's
-            # incomplete deltas, beyond its own shard version
+            # A row version above the part's would make the receiver skip that row's later updates.
             low = -1 if f & FULL else since + 1
-            if k and int(rv.min()) < low:
-                raise WireError(f"{what}: row version {int(rv.min())} below {low}")
+            if k and (int(rv.min()) < low or int(rv.max()) > version):
+                bad = int(rv.min()) if int(rv.min()) < low else int(rv.max())
+                raise WireError(f"{what}: row version {bad} outside [{low}, {version}]")
         rows = None
         if not f & FULL:
             rows = np.frombuffer(body, "<i4", k, off_ids).astype(np.int64)
