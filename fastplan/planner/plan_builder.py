@@ -128,3 +128,22 @@ def assignment_from_plan(space: SearchSpace, plan: ShardingPlan) -> Assignment:
             r[slots[(tuple(meta.shard_offsets), tuple(meta.shard_sizes))].pop(0)] = rank
         ranks.append(r)
     return Assignment(option, ranks)
+
+
+def estimates_from_space(space: SearchSpace, a: Assignment):
+    """The chosen options' per-shard estimates for a plan file, as `planfile.estimates_from_options`
+    reads them from `to_sharding_options`, without building TorchRec objects."""
+    from fastplan.planfile import PERF_FIELDS as FILE_FIELDS, TableEstimates
+
+    columns = [PERF_FIELDS.index(f) for f in FILE_FIELDS]
+    perf = space.run_perf[:, columns]
+    out = {}
+    for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
+        table = space.tables[t]
+        sizes, offsets = space.geometry_of(o)
+        mem = space.mem_of(o)
+        out.setdefault(table.path, {})[table.name] = TableEstimates(
+            ranks=ranks.tolist(), sizes=sizes.tolist(), offsets=offsets.tolist(), hbm=mem[:, 0].tolist(),
+            ddr=mem[:, 1].tolist(), ssd=mem[:, 2].tolist(), perf=space.expand(o, perf).tolist(),
+        )
+    return out

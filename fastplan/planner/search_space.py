@@ -103,8 +103,8 @@ class SearchSpace:
     def expand(self, option: int, values: np.ndarray) -> np.ndarray:
         """`values` (one row per run) for each of the option's shards."""
         r = self.runs(option)
-        if r.stop - r.start == 1:  # one run: a read-only view
-            return np.broadcast_to(values[r.start], (int(self.opt_count[option]),) + values.shape[1:])
+        if self.opt_count[option] == 1:
+            return values[r]
         return np.repeat(values[r], self.run_len[r], axis=0)
 
     def perf_of(self, option: int) -> np.ndarray:
