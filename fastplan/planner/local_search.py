@@ -19,6 +19,7 @@ from fastplan.planner.placement import RankState
 from fastplan.planner.search_space import DEVICE, HOST_DEVICE, UNIFORM, SearchSpace
 
 REINSERT_TABLES = 8  # tables on the busiest rank re-placed when no move or swap helps
+SWAP_PAIRS = 100_000  # swaps scored per step at most (beyond: partners from the least-loaded ranks)
 
 
 def score(loads: np.ndarray) -> Tuple[float, int]:
@@ -102,6 +103,11 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
             if np.isfinite(pair[i, r]):
                 candidates.append([_moved(a, units, on_top[i], int(r))])
             others = np.nonzero(units.rank != top)[0]
+            if len(others) * len(on_top) > SWAP_PAIRS:  # partners on the least-loaded ranks only
+                order = np.argsort(loads, kind="stable")
+                per_rank = np.bincount(units.rank[others], minlength=W)[order]
+                kept = order[: int(np.searchsorted(np.cumsum(per_rank), SWAP_PAIRS // len(on_top))) + 1]
+                others = others[np.isin(units.rank[others], kept)]
             if len(others):
                 ro = units.rank[others]
                 delta = p[:, None] - units.perf[others][None, :]
