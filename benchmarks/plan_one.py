@@ -1,7 +1,7 @@
 """One planner on one table spec, in this process (run by benchmarks/plan_time.py): times plan()
 and writes the timings and the plan as JSON, so each run's peak RSS is its own process's.
 
-    python benchmarks/plan_one.py {fastplan,torchrec,dp} SPEC.json WORLD_SIZE OUT.json
+    python benchmarks/plan_one.py {fastplan,torchrec,dp} SPEC.json WORLD_SIZE OUT.json [--local-world-size N]
 
 Baselines import only TorchRec, so fastplan's modules do not count in their memory.
 """
@@ -15,7 +15,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 PLANNERS = ("fastplan", "torchrec", "dp")
 
@@ -68,12 +68,12 @@ def lp_after_plan(fast, module, sharders, makespan: float) -> dict:
     return {"lp_bound": bound.value if bound.kind == LP else None, "lp_seconds": bound.seconds}
 
 
-def run(planner: str, spec_path: str, world_size: int) -> dict:
+def run(planner: str, spec_path: str, world_size: int, local_world_size: Optional[int] = None) -> dict:
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner.types import Topology
 
     module = load_module(spec_path)
-    topology = Topology(world_size=world_size, compute_device="cuda")
+    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device="cuda")
     sharders = [EmbeddingBagCollectionSharder()]
     out = {"rss_before_plan_mb": rss_mb()}
     if planner == "fastplan":
@@ -120,8 +120,9 @@ def main(argv=None) -> None:
     ap.add_argument("spec")
     ap.add_argument("world_size", type=int)
     ap.add_argument("out")
+    ap.add_argument("--local-world-size", type=int, help="ranks per host (default: all ranks on one host)")
     args = ap.parse_args(argv)
-    Path(args.out).write_text(json.dumps(run(args.planner, args.spec, args.world_size)))
+    Path(args.out).write_text(json.dumps(run(args.planner, args.spec, args.world_size, args.local_world_size)))
 
 
 if __name__ == "__main__":

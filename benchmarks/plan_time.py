@@ -1,13 +1,16 @@
 """Planning time, plan quality and peak memory, in one run: fastplan vs TorchRec's default planner
 vs TorchRec with DynamicProgrammingProposer, each run in its own process (benchmarks/plan_one.py).
 
-Tables as in the planner-timeout report (fastplan.models.report_tables, seed 0). Per size: fastplan's
+Tables (seed 0): `--table-set report` (default) as in the planner-timeout report (fastplan.models.report_tables:
+dims 4-16, rows 2-1000), `scale` as in issue 13 (fastplan.models.scale_tables: dims 4-128, rows 10-1e7
+log-uniform). Ranks: `--local-world-size` per host (default 8 when there are more than 8 ranks). Per size: fastplan's
 cold and warm plan() time, the time a CLI user waits (`fastplan plan --tables SPEC --out FILE`, process
 start to exit), each baseline's time up to its table cap and time cap, peak RSS of every planning
 process, and each plan's max-rank perf scored with TorchRec's own estimators.
 
     python benchmarks/plan_time.py --sizes 20 50 100 500 1000 --world-sizes 8 16
     python benchmarks/plan_time.py --sizes 20000 --world-sizes 256 --torchrec-max 0 --dp-max 0 --score-max 0
+    python benchmarks/plan_time.py --table-set scale --sizes 1000 --world-sizes 1024 --torchrec-max 0 --dp-max 0
 """
 
 from __future__ import annotations
@@ -107,42 +110,50 @@ def fastplan_root() -> Path:
     return Path(importlib.util.find_spec("fastplan").origin).parent.parent
 
 
-def plan_in_process(planner: str, spec: Path, world: int, timeout_s: float, work: Path) -> Tuple[Run, Optional[dict]]:
+def local_world_size(world: int, given: Optional[int]) -> int:
+    """Ranks per host: `given`, else 8 per host past 8 ranks (TorchRec names devices cuda:<rank % local size>)."""
+    return given if given else min(world, 8)
+
+
+def plan_in_process(planner: str, spec: Path, world: int, timeout_s: float, work: Path,
+                    local: Optional[int] = None) -> Tuple[Run, Optional[dict]]:
     out = work / f"{planner}.json"
     out.unlink(missing_ok=True)
-    done = run_process([sys.executable, str(CHILD), planner, str(spec), str(world), str(out)], timeout_s, work / "child.log")
+    cmd = [sys.executable, str(CHILD), planner, str(spec), str(world), str(out), "--local-world-size", str(local_world_size(world, local))]
+    done = run_process(cmd, timeout_s, work / "child.log")
     if done.status != "ok":
         return Run(status=done.status, peak_rss_mb=done.peak_rss_mb), None
     result = json.loads(out.read_text())
     return Run(seconds=result["seconds"], peak_rss_mb=done.peak_rss_mb), result
 
 
-def time_cli(spec: Path, world: int, timeout_s: float, work: Path) -> Exit:
+def time_cli(spec: Path, world: int, timeout_s: float, work: Path, local: Optional[int] = None) -> Exit:
     """What a CLI user waits for: `fastplan plan` from process start to exit, with an empty cache."""
     plan_file = work / "cli_plan.pt"
     plan_file.unlink(missing_ok=True)
     cache_dir = tempfile.mkdtemp(dir=work)
     cmd = [sys.executable, "-m", "fastplan.cli", "plan", "--tables", str(spec), "--world-size", str(world),
-           "--out", str(plan_file), "--cache-dir", cache_dir]
+           "--local-world-size", str(local_world_size(world, local)), "--out", str(plan_file), "--cache-dir", cache_dir]
     done = run_process(cmd, timeout_s, work / "cli.log")
     if done.status == "ok" and not plan_file.is_file():
         done.status = "failed (no plan written)"
     return done
 
 
-def write_spec(tables: int, path: Path) -> None:
-    """The report's random tables as a `fastplan plan --tables` spec (JSON)."""
-    from fastplan.models import report_tables
+def write_spec(tables: int, path: Path, table_set: str = "report") -> None:
+    """A table set's random tables as a `fastplan plan --tables` spec (JSON)."""
+    from fastplan.models import TABLE_SETS
 
     rows = [
         {"name": t.name, "num_embeddings": t.num_embeddings, "embedding_dim": t.embedding_dim, "feature_names": t.feature_names}
-        for t in report_tables(tables, seed=0)
+        for t in TABLE_SETS[table_set](tables, seed=0)
     ]
     path.write_text(json.dumps({"tables": rows}))
 
 
 # ---- scoring ------------------------------------------------------------------------------------
-def torchrec_perf(tables: int, world: int, plans: Dict[str, dict], full: bool = False) -> Dict[str, float]:
+def torchrec_perf(tables: int, world: int, plans: Dict[str, dict], full: bool = False, local: Optional[int] = None,
+                  table_set: str = "report") -> Dict[str, float]:
     """Max over ranks of each plan's summed shard Perf.total, as TorchRec's EmbeddingEnumerator estimates it.
 
     Only the (sharding type, kernel) pairs some plan uses are enumerated (constraints): an option's
@@ -153,9 +164,9 @@ def torchrec_perf(tables: int, world: int, plans: Dict[str, dict], full: bool = 
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
     from torchrec.distributed.planner.types import ParameterConstraints, Topology
 
-    from fastplan.models import ebc, report_tables
+    from fastplan.models import TABLE_SETS, ebc
 
-    configs = report_tables(tables, seed=0)
+    configs = TABLE_SETS[table_set](tables, seed=0)
     constraints = None
     if not full:
         used = {t.name: (set(), set()) for t in configs}
@@ -165,7 +176,7 @@ def torchrec_perf(tables: int, world: int, plans: Dict[str, dict], full: bool = 
                     used[name][0].add(ps["sharding_type"])
                     used[name][1].add(ps["compute_kernel"])
         constraints = {n: ParameterConstraints(sharding_types=sorted(s), compute_kernels=sorted(k)) for n, (s, k) in used.items()}
-    topology = Topology(world_size=world, compute_device="cuda")
+    topology = Topology(world_size=world, local_world_size=local_world_size(world, local), compute_device="cuda")
     options = EmbeddingEnumerator(topology, batch_size=BATCH_SIZE, constraints=constraints).enumerate(
         ebc(configs), [EmbeddingBagCollectionSharder()]
     )
@@ -195,13 +206,14 @@ def torchrec_perf(tables: int, world: int, plans: Dict[str, dict], full: bool = 
 # ---- one instance -------------------------------------------------------------------------------
 def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
     spec = work / f"tables_{tables}.json"
-    write_spec(tables, spec)
+    write_spec(tables, spec, args.table_set)
+    local = args.local_world_size
     row = Row(tables, world, Run(), Run(), Run())
 
     progress(f"{tables} tables / {world} ranks: fastplan x{args.repeats}")
     results = []
     for _ in range(args.repeats):
-        run, result = plan_in_process("fastplan", spec, world, args.fastplan_timeout, work)
+        run, result = plan_in_process("fastplan", spec, world, args.fastplan_timeout, work, local)
         if result is None:
             row.fastplan = run
             break
@@ -216,7 +228,7 @@ def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
             setattr(row, key, first[key])
         row.deterministic = all(res["plan"] == first["plan"] for _, res in results)
         row.plans["fastplan"] = first["plan"]
-    clis = [time_cli(spec, world, args.fastplan_timeout, work) for _ in range(args.repeats)]
+    clis = [time_cli(spec, world, args.fastplan_timeout, work, local) for _ in range(args.repeats)]
     failed = [c.status for c in clis if c.status != "ok"]
     row.cli_status = failed[0] if failed else "ok"
     row.cli_seconds = None if failed else statistics.median(c.wall_s for c in clis)
@@ -226,7 +238,7 @@ def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
             setattr(row, planner, Run(status=f"skipped (cap {cap} tables)"))
             continue
         progress(f"{tables} tables / {world} ranks: {BASELINES[planner]} (time cap {timeout:g} s)")
-        run, result = plan_in_process(planner, spec, world, timeout, work)
+        run, result = plan_in_process(planner, spec, world, timeout, work, local)
         setattr(row, planner, run)
         if result is not None:
             row.plans[planner] = result["plan"]
@@ -234,7 +246,7 @@ def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
     if row.plans and tables <= args.score_max:
         progress(f"{tables} tables / {world} ranks: scoring {len(row.plans)} plan(s) with TorchRec's estimators")
         try:
-            for planner, perf in torchrec_perf(tables, world, row.plans).items():
+            for planner, perf in torchrec_perf(tables, world, row.plans, local=local, table_set=args.table_set).items():
                 getattr(row, planner).perf = perf
         except ValueError as e:  # keep the timings of a long run; say which plan could not be scored
             progress(f"{tables} tables / {world} ranks: not scored: {e}")
@@ -319,9 +331,11 @@ def _span(values: List[float]) -> str:
     return low if low == high else f"{low}-{high}"
 
 
-def legend(rows: List[Row], repeats: int) -> str:
+def legend(rows: List[Row], repeats: int, table_set: str = "report", local: Optional[int] = None) -> str:
     before = [r.rss_before_plan_mb for r in rows if r.rss_before_plan_mb is not None]
+    per_host = sorted({local_world_size(r.ranks, local) for r in rows})
     lines = [
+        f"tables: the '{table_set}' set (seed 0); ranks per host: {', '.join(map(str, per_host))}",
         f"cold: fastplan's first plan() in a fresh process, empty cache (median of {repeats}); warm: plan() again, cache hit",
         "CLI: `fastplan plan --tables SPEC --world-size N --out FILE`, process start to exit, empty cache",
         "RSS: peak resident memory of the planning process (interpreter, imports, model, planning)"
@@ -393,6 +407,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The benchmark's options (also `fastplan bench`'s)."""
     ap.add_argument("--sizes", type=_positive(int), nargs="+", metavar="N", default=[20, 50, 100, 500, 1000], help="table counts")
     ap.add_argument("--world-sizes", type=_positive(int), nargs="+", metavar="N", default=[8, 16], help="ranks")
+    ap.add_argument("--local-world-size", type=_positive(int), metavar="N", help="ranks per host (default: 8, or all ranks if fewer)")
+    ap.add_argument("--table-set", choices=["report", "scale"], default="report",
+                    help="report: dims 4-16, rows 2-1000; scale: issue 13's dims 4-128, rows 10-1e7")
     ap.add_argument("--torchrec-max", type=int, default=200, help="largest table count TorchRec's default planner runs for (0: never)")
     ap.add_argument("--dp-max", type=int, default=1000, help="largest table count TorchRec with DynamicProgrammingProposer runs for")
     ap.add_argument("--torchrec-timeout", type=_positive(float), default=600, help="seconds before a TorchRec default process (imports included) is killed")
@@ -414,7 +431,7 @@ def execute(args, out=sys.stdout) -> List[Row]:
                 row = measure(tables, world, args, Path(work), progress)
                 rows.append(row)
                 print(format_row(row), file=out, flush=True)
-    print(legend(rows, args.repeats), file=out)
+    print(legend(rows, args.repeats, args.table_set, args.local_world_size), file=out)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}", file=out)

@@ -111,6 +111,10 @@ def cmd_plan(args) -> int:
     if bool(args.tables) == bool(args.model):
         raise CliError("give exactly one of --tables FILE or --model pkg.module:factory")
     _positive("--world-size", args.world_size, integer=True)
+    if args.local_world_size is not None:
+        _positive("--local-world-size", args.local_world_size, integer=True)
+        if args.world_size % args.local_world_size:
+            raise CliError(f"--local-world-size: {args.local_world_size} does not divide --world-size {args.world_size}")
     _positive("--batch-size", args.batch_size, integer=True)
     _positive("--hbm-gb", args.hbm_gb)
     _positive("--ddr-gb", args.ddr_gb)
@@ -135,7 +139,8 @@ def cmd_plan(args) -> int:
         topo_kwargs["hbm_cap"] = int(args.hbm_gb * 1024**3)
     if args.ddr_gb is not None:
         topo_kwargs["ddr_cap"] = int(args.ddr_gb * 1024**3)
-    topology = Topology(world_size=args.world_size, compute_device=args.compute_device, **topo_kwargs)
+    topology = Topology(world_size=args.world_size, local_world_size=args.local_world_size,
+                        compute_device=args.compute_device, **topo_kwargs)
     planner = FastShardingPlanner(topology=topology, batch_size=args.batch_size, constraints=constraints,
                                   cache=_cache(args), debug=False)
     sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
@@ -287,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", help="YAML/JSON table spec: tables: [{name, num_embeddings, embedding_dim}]")
     p.add_argument("--model", help="pkg.module:factory returning an nn.Module")
     p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--local-world-size", type=int, help="ranks per host (default: all ranks on one host)")
     p.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--hbm-gb", type=float)
     p.add_argument("--ddr-gb", type=float)

@@ -26,6 +26,24 @@ def report_tables(num_tables: int, seed: int = 0) -> List[EmbeddingBagConfig]:
     ]
 
 
+def scale_tables(num_tables: int, seed: int = 0) -> List[EmbeddingBagConfig]:
+    """Issue 13's large-job tables: embedding_dim a multiple of 4 in [4, 128], num_embeddings
+    log-uniform in [10, 1e7]."""
+    rng = random.Random(seed)
+    return [
+        EmbeddingBagConfig(
+            name=f"table_{i}",
+            feature_names=[f"feature_{i}"],
+            embedding_dim=4 * rng.randint(1, 32),
+            num_embeddings=int(round(10 ** rng.uniform(1, 7))),
+        )
+        for i in range(num_tables)
+    ]
+
+
+TABLE_SETS = {"report": report_tables, "scale": scale_tables}
+
+
 def ebc(tables: List[EmbeddingBagConfig], device: str = "meta") -> EmbeddingBagCollection:
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))
 

@@ -10,7 +10,7 @@ import pytest
 
 from fastplan.planner.bound import CHEAP, LP, plan_bound
 from fastplan.planner.cost import CW, RW, TW, TWCW, TWRW
-from fastplan.planner.search_space import SearchSpace
+from fastplan.planner.search_space import from_shards
 
 GB = 1 << 30
 
@@ -23,10 +23,10 @@ def make_space(world, host, tables):
     perf[:, 0] = [p for _, _, s in rows for p, _ in s]
     mem = np.zeros((counts.sum(), 3), np.int64)
     mem[:, 0] = [m for _, _, s in rows for _, m in s]
-    return SearchSpace(
+    return from_shards(
         tables=[SimpleNamespace(name=f"t{i}") for i in range(len(tables))], world_size=world, local_world_size=host,
         host_size=host, opt_table=np.array([t for t, _, _ in rows]), opt_type=np.array([st for _, st, _ in rows], object),
-        opt_kernel=np.array(["fused"] * len(rows), object), opt_start=np.cumsum(counts) - counts, opt_count=counts,
+        opt_kernel=np.array(["fused"] * len(rows), object), opt_count=counts,
         shard_perf=perf, shard_mem=mem, shard_size=np.ones((counts.sum(), 2), np.int64),
         shard_offset=np.zeros((counts.sum(), 2), np.int64),
     )

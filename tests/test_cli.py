@@ -119,3 +119,23 @@ def test_bench_compares_with_torchrec_and_plots(tmp_path):
     assert torchrec_perf_over_fastplan >= 1.0  # TorchRec's plan is not better than fastplan's
     assert dp.strip() == "skipped (cap 0 tables)"
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_plan_for_many_hosts_names_each_rank_s_local_device(tmp_path, capsys):
+    import json
+
+    spec = tmp_path / "t.yaml"
+    spec.write_text("tables:\n" + "".join(f"  - {{name: t{i}, num_embeddings: 100000, embedding_dim: 64}}\n" for i in range(3)))
+    constraints = tmp_path / "c.yaml"
+    constraints.write_text("t0: {sharding_types: [row_wise]}\n")  # a shard on every rank, past cuda:127 too
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tables", str(spec), "--world-size", "256", "--local-world-size", "8", "--json", str(out),
+                 "--constraints", str(constraints), "--cache-dir", str(tmp_path / "c")]) == 0
+    placements = [s["placement"] for module in json.loads(out.read_text()).values() for ps in module.values()
+                  for s in (ps.get("shards") or [])]
+    assert len(placements) >= 256
+    for p in placements:
+        rank, device = p.removeprefix("rank:").split("/")
+        assert device == f"cuda:{int(rank) % 8}"
+    assert main(["plan", "--tables", str(spec), "--world-size", "256", "--local-world-size", "3"]) == 2
+    assert "--local-world-size: 3 does not divide --world-size 256" in capsys.readouterr().err

@@ -219,3 +219,26 @@ def test_it_is_torchrecs_planner_with_the_state_tools_read_after_plan():
     assert {so.name for so in p._enumerator.last_stored_search_space} == set(plan.plan[""])
     assert p._stats[0]._stats_table and p._stats[0]._stats_table[0].startswith("####")
     assert isinstance(p.hash_planner_context_inputs(), int) and p.hash_planner_context_inputs_str()
+
+
+def _shards(options):
+    return sorted((so.name, so.sharding_type, so.compute_kernel, [(s.rank, s.size, s.offset, s.perf, s.storage) for s in so.shards])
+                  for so in options)
+
+
+def test_without_debug_the_chosen_options_are_built_when_first_read_and_match_debug_s(tmp_path):
+    from fastplan import PlanCache
+    from fastplan.planfile import estimates_from_options
+    from fastplan.models import scale_tables
+
+    module = ebc(scale_tables(30, seed=3))
+    forced = {"table_1": ParameterConstraints(sharding_types=["row_wise"]),  # runs of shards: full, last, empty
+              "table_2": ParameterConstraints(sharding_types=["column_wise"])}
+    eager = planner(world=16, debug=True, topo={"local_world_size": 8}, constraints=forced)
+    lazy = planner(world=16, topo={"local_world_size": 8}, constraints=forced, cache=PlanCache(str(tmp_path)))
+    plan = lazy.plan(module, SHARDERS)
+    assert eager.plan(module, SHARDERS) == plan
+    assert lazy._best_plan_value is None  # not built by plan()
+    assert _shards(lazy._best_plan) == _shards(eager._best_plan)
+    assert lazy.last_plan_file.estimates == estimates_from_options(eager._best_plan)
+    assert {ps.sharding_type for ps in plan.plan[""].values()} >= {"row_wise", "column_wise", "data_parallel"}

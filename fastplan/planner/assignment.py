@@ -19,10 +19,11 @@ class Assignment:
         return Assignment(self.option.copy(), [r.copy() for r in self.ranks])
 
 
-def rank_loads(space: SearchSpace, perf: np.ndarray, a: Assignment) -> np.ndarray:
+def rank_loads(space: SearchSpace, a: Assignment) -> np.ndarray:
+    """Per rank the summed `Perf.total` of the assignment's shards."""
     loads = np.zeros(space.world_size)
     for o, r in zip(a.option.tolist(), a.ranks):
-        np.add.at(loads, r, perf[space.shards(o)])
+        np.add.at(loads, r, space.perf_of(o))
     return loads
 
 
@@ -30,5 +31,5 @@ def rank_memory(space: SearchSpace, a: Assignment) -> np.ndarray:
     """(world_size, 3) bytes per rank and tier (hbm, ddr, ssd) the assignment's shards take."""
     used = np.zeros((space.world_size, 3), dtype=np.int64)
     for o, r in zip(a.option.tolist(), a.ranks):
-        np.add.at(used, r, space.shard_mem[space.shards(o)])
+        np.add.at(used, r, space.mem_of(o))
     return used

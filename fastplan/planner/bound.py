@@ -112,9 +112,9 @@ class _Rows:
 
 
 def lp_bound(space: SearchSpace, cands: Candidates, cap: np.ndarray, deadline: float) -> Tuple[Optional[float], str]:
-    """The LP optimum (perf units of `cands.perf`), or None and why not (infeasible, out of time)."""
+    """The LP optimum (perf units of `Perf.total`), or None and why not (infeasible, out of time)."""
     W = space.world_size
-    perf, mem = cands.perf, space.shard_mem
+    perf, mem = space.run_total, space.run_mem  # per run of identical shards
     cls, ccap, csize, chost = rank_classes(space, cap)
     C = len(csize)
     opts = np.concatenate(cands.by_table)
@@ -136,33 +136,32 @@ def lp_bound(space: SearchSpace, cands: Candidates, cap: np.ndarray, deadline: f
         rows.add(load0 + c, pos, n * p / scale)
         rows.add(mem0 + 3 * c[:, None] + np.arange(3), pos[:, None], (n[:, None] * m) * mem_scale[c])
 
-    # Uniform options: shard i on rank i.
+    # Uniform options: shard i on rank i, so a run of shards covers a range of ranks.
     uni = np.flatnonzero(kind == UNIFORM)
     if len(uni):
-        n = count[uni]
-        shard = np.repeat(space.opt_start[opts[uni]], n) + _local(n)
-        rank = _local(n)
+        n = space.opt_runs[opts[uni]]
+        run = np.repeat(space.opt_run[opts[uni]], n) + _local(n)
         pos = np.repeat(uni, n)
-        cell = pos * C + cls[rank]  # (option, class), summed before it enters the model
-        total = lambda w: np.bincount(cell, weights=w, minlength=n_x * C)  # noqa: E731
-        used = np.flatnonzero(np.bincount(cell, minlength=n_x * C))
-        sums = np.column_stack([total(perf[shard])] + [total(mem[shard, k].astype(float)) for k in range(3)])[used]
+        before = np.zeros((W + 1, C), np.int64)
+        before[1:] = np.cumsum(np.eye(C, dtype=np.int64)[cls], axis=0)  # ranks of each class below r
+        first = space.run_first[run]
+        in_class = before[first + space.run_len[run]] - before[first]  # (runs, C) shards on each class
+        cell = (pos[:, None] * C + np.arange(C)[None, :]).ravel()  # (option, class), summed before the model
+        total = lambda w: np.bincount(cell, weights=(in_class * w[:, None]).ravel(), minlength=n_x * C)  # noqa: E731
+        used = np.flatnonzero(total(np.ones(len(run))))
+        sums = np.column_stack([total(perf[run])] + [total(mem[run, k].astype(float)) for k in range(3)])[used]
         charge(X + used // C, used % C, np.ones(len(used)), sums[:, 0], sums[:, 1:])
-        misfit = (mem[shard] > cap[rank]).any(1)
+        misfit = ((in_class > 0)[:, :, None] & (mem[run][:, None, :] > ccap[None])).any((1, 2))
         x_ub[np.unique(pos[misfit])] = 0.0
 
     # Other options: runs of identical shards grouped; each group on the classes where one of its shards fits.
     free = np.flatnonzero(kind != UNIFORM)
     n_y = 0
     if len(free):
-        n = count[free]
-        shard = np.repeat(space.opt_start[opts[free]], n) + _local(n)
-        pos = np.repeat(free, n)
-        same = np.column_stack([perf[shard], mem[shard]])
-        same = (same[1:] == same[:-1]).all(1) & (pos[1:] == pos[:-1])  # as the shard before it
-        first = np.flatnonzero(np.concatenate([[True], ~same]))  # runs of identical shards: the groups
-        gcount = np.diff(np.append(first, len(shard)))
-        gpos, gshard = pos[first], shard[first]
+        n = space.opt_runs[opts[free]]
+        gshard = np.repeat(space.opt_run[opts[free]], n) + _local(n)  # runs of identical shards: the groups
+        gpos = np.repeat(free, n)
+        gcount = space.run_len[gshard]
         fits = (mem[gshard][:, None, :] <= ccap[None]).all(2) & ((kind[gpos] == DEVICE)[:, None] | chost[None])
         eligible = fits.sum(1)
         x_ub[np.unique(gpos[eligible == 0])] = 0.0
@@ -182,7 +181,7 @@ def lp_bound(space: SearchSpace, cands: Candidates, cap: np.ndarray, deadline: f
     tabs = len(cands.by_table)
     one_row = rows.new(tabs, 1.0, 1.0)
     rows.add(one_row + table, X + np.arange(n_x), 1.0)
-    smallest = np.minimum.reduceat(perf, space.opt_start)[opts] if len(perf) else np.zeros(n_x)
+    smallest = space.opt_min_shard[opts]
     on_all = np.where((kind == UNIFORM) & (count == W), smallest, 0.0) / scale
     u_row = rows.new(1, 0.0, 0.0)
     rows.add(u_row, np.concatenate([[U], X + np.arange(n_x)]), np.concatenate([[1.0], -on_all]))

@@ -13,24 +13,19 @@ class Candidates:
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
-        total = space.shard_total
-        self.perf = total
-        starts = space.opt_start
-        nonempty = len(total) > 0
-        self.work = np.add.reduceat(total, starts) if nonempty else np.zeros(0)
-        self.max_shard = np.maximum.reduceat(total, starts) if nonempty else np.zeros(0)
+        self.work = space.opt_work
+        self.max_shard = space.opt_max_shard
         self.placement = space.opt_placement
         self.dominated = self._dominated()
         keep = np.nonzero(~self.dominated)[0]
         order = keep[np.lexsort((keep, self.work[keep], space.opt_table[keep]))]
         bounds = np.searchsorted(space.opt_table[order], np.arange(len(space.tables) + 1))
         self.by_table = [order[bounds[i] : bounds[i + 1]] for i in range(len(space.tables))]
-        self.min_work = np.array([self.work[o].min() for o in self.by_table]) if self.by_table else np.zeros(0)
+        self.min_work = np.minimum.reduceat(self.work[order], bounds[:-1]) if len(order) else np.zeros(len(space.tables))
 
     def option_mem(self) -> np.ndarray:
         """(n_options, 3) bytes per tier of all of an option's shards."""
-        s = self.space
-        return np.add.reduceat(s.shard_mem, s.opt_start, axis=0) if len(s.shard_mem) else np.zeros((0, 3), np.int64)
+        return self.space.opt_mem
 
     def footprint(self, cap: np.ndarray) -> np.ndarray:
         """Per option: its bytes as a fraction of all ranks' capacity, tiers added."""
@@ -63,11 +58,26 @@ class Candidates:
             return dominated
         k = np.concatenate(first)
         o = np.concatenate(second)
-        c = count[o]
-        local = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
-        ik = np.repeat(s.opt_start[k], c) + local
-        io = np.repeat(s.opt_start[o], c) + local
-        ok = (self.perf[ik] <= self.perf[io]) & (s.shard_mem[ik] <= s.shard_mem[io]).all(1)
-        pair_ok = np.logical_and.reduceat(ok, np.cumsum(c) - c)
-        dominated[o[pair_ok]] = True
+        dominated[o[self._no_worse(k, o)]] = True
         return dominated
+
+    def _no_worse(self, k: np.ndarray, o: np.ndarray) -> np.ndarray:
+        """Per pair: every shard of option k is no slower and no larger than the same shard of o."""
+        s = self.space
+        perf, mem = s.run_total, s.run_mem
+        ok = np.zeros(len(k), dtype=bool)
+        same = s.opt_runs[k] == s.opt_runs[o]  # runs line up when they have the same lengths
+        c = np.where(same, s.opt_runs[k], 0)
+        local = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+        rk, ro = np.repeat(s.opt_run[k], c) + local, np.repeat(s.opt_run[o], c) + local
+        pair = np.repeat(np.arange(len(k)), c)
+        aligned = np.ones(len(k), dtype=bool)
+        np.logical_and.at(aligned, pair, s.run_len[rk] == s.run_len[ro])
+        better = (perf[rk] <= perf[ro]) & (mem[rk] <= mem[ro]).all(1)
+        both = same & aligned
+        ok[both] = True
+        np.logical_and.at(ok, pair, better | ~both[pair])
+        for i in np.flatnonzero(~both).tolist():  # runs split differently: shard by shard
+            a, b = int(k[i]), int(o[i])
+            ok[i] = bool((s.perf_of(a) <= s.perf_of(b)).all() and (s.mem_of(a) <= s.mem_of(b)).all())
+        return ok

@@ -44,7 +44,7 @@ def infeasible_error(space, cands, cap: np.ndarray, how: str, batch_size: int = 
     lines = [f"No sharding plan fits in memory ({how})."]
     for t in sorted(range(len(s.tables)), key=lambda t: -int(size[smallest[t]]))[:5]:
         table, o = s.tables[t], smallest[t]
-        largest = s.shard_mem[s.shards(o)].max(0)
+        largest = s.opt_max_mem[o]
         lines.append(
             f"  table '{table.name}' ({table.rows}x{table.dim}, module '{table.path}'): smallest option "
             f"{s.opt_type[o]}/{s.opt_kernel[o]} needs hbm={_gb(opt_mem[o, 0])} ddr={_gb(opt_mem[o, 1])} in "

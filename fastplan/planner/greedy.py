@@ -17,7 +17,7 @@ def perf_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optio
     (max of the highest rank and the average over ranks) lowest, then the least total work.
     None when some table no longer fits (tight memory: see `memory_greedy`)."""
     W = space.world_size
-    state = RankState(space, cands.perf, cap)
+    state = RankState(space, cap)
     min_work = cands.min_work
     order = np.argsort(-min_work, kind="stable")
     remaining = float(min_work.sum())
@@ -56,7 +56,7 @@ def memory_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Opt
     left to local search. None when even this packing fails."""
     footprint = cands.footprint(cap)
     smallest = np.array([footprint[o].min() if len(o) else 0.0 for o in cands.by_table])
-    state = RankState(space, cands.perf, cap)
+    state = RankState(space, cap)
     option = np.full(len(space.tables), -1, dtype=np.int64)
     ranks: List[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(space.tables)
     for t in np.argsort(-smallest, kind="stable").tolist():

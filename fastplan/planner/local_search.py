@@ -19,6 +19,7 @@ from fastplan.planner.placement import RankState
 from fastplan.planner.search_space import DEVICE, HOST_DEVICE, UNIFORM, SearchSpace
 
 REINSERT_TABLES = 8  # tables on the busiest rank re-placed when no move or swap helps
+SWAP_PAIRS = 100_000  # swaps scored per step at most (beyond: partners from the least-loaded ranks)
 
 
 def score(loads: np.ndarray) -> Tuple[float, int]:
@@ -50,18 +51,18 @@ class _Units:
         self.index = np.array(index, dtype=np.int64)
         self.lo = np.array(lo, dtype=np.int64)
         self.hi = np.array(hi, dtype=np.int64)
-        starts = space.opt_start[a.option[self.table]] if len(table) else np.zeros(0, np.int64)
-        self.shard = starts + self.index
+        tables = sorted(set(table))
+        self.perf = np.concatenate([space.perf_of(int(a.option[t])) for t in tables]) if tables else np.zeros(0)
+        self.mem = np.concatenate([space.mem_of(int(a.option[t])) for t in tables]) if tables else np.zeros((0, 3), np.int64)
         self.rank = np.array([int(a.ranks[t][i]) for t, i in zip(table, index)], dtype=np.int64)
 
 
 def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.ndarray,
                  max_steps: int = 20_000) -> Tuple[Assignment, np.ndarray]:
     W = space.world_size
-    perf, mem = cands.perf, space.shard_mem
     kind = cands.placement
     a = a.copy()
-    st = RankState(space, perf, cap)
+    st = RankState(space, cap)
     for o, r in zip(a.option.tolist(), a.ranks):
         st.add(o, r)
     loads, free = st.loads, st.free
@@ -76,8 +77,8 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
         """Score after re-placing tables: (table, option, ranks)."""
         t_loads = loads.copy()
         for t, o, r in changes:
-            np.subtract.at(t_loads, a.ranks[t], perf[space.shards(int(a.option[t]))])
-            np.add.at(t_loads, r, perf[space.shards(o)])
+            np.subtract.at(t_loads, a.ranks[t], space.perf_of(int(a.option[t])))
+            np.add.at(t_loads, r, space.perf_of(o))
         return score(t_loads)
 
     def apply(t: int, o: int, r: np.ndarray) -> None:
@@ -93,7 +94,7 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
         candidates: List[List[Tuple[int, int, np.ndarray]]] = []
         on_top = np.nonzero(units.rank == top)[0]
         if len(on_top):
-            p, m = perf[units.shard[on_top]], mem[units.shard[on_top]]
+            p, m = units.perf[on_top], units.mem[on_top]
             ranks = np.arange(W)[None, :]
             ok = (units.lo[on_top][:, None] <= ranks) & (ranks < units.hi[on_top][:, None]) & (ranks != top)
             ok &= (m[:, None, :] <= free[None, :, :]).all(2)
@@ -102,11 +103,15 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
             if np.isfinite(pair[i, r]):
                 candidates.append([_moved(a, units, on_top[i], int(r))])
             others = np.nonzero(units.rank != top)[0]
+            if len(others) * len(on_top) > SWAP_PAIRS:  # partners on the least-loaded ranks only
+                order = np.argsort(loads, kind="stable")
+                per_rank = np.bincount(units.rank[others], minlength=W)[order]
+                kept = order[: int(np.searchsorted(np.cumsum(per_rank), SWAP_PAIRS // len(on_top))) + 1]
+                others = others[np.isin(units.rank[others], kept)]
             if len(others):
-                u_o = units.shard[others]
                 ro = units.rank[others]
-                delta = p[:, None] - perf[u_o][None, :]
-                dm = m[:, None, :] - mem[u_o][None, :, :]
+                delta = p[:, None] - units.perf[others][None, :]
+                dm = m[:, None, :] - units.mem[others][None, :, :]
                 ok = (delta > 0) & (dm <= free[ro][None, :, :]).all(2) & (-dm <= free[top]).all(2)
                 ok &= (units.lo[on_top][:, None] <= ro[None, :]) & (ro[None, :] < units.hi[on_top][:, None])
                 ok &= (units.lo[others][None, :] <= top) & (top < units.hi[others][None, :])
@@ -120,7 +125,7 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
                         candidates.append([_moved(a, units, a_u, int(units.rank[b_u])), _moved(a, units, b_u, top)])
         best = _best(candidates, trial, current)
         if best is None:
-            gather = _gather(space, a, kind, best_single, loads, free, perf)
+            gather = _gather(space, a, kind, best_single, loads, free)
             best = _best([[gather]] if gather is not None else [], trial, current)
         if best is None:
             best = _best(_reinsertions(space, cands, a, st, top), trial, current)
@@ -136,7 +141,7 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
             for t, _, r in best:
                 sel = np.nonzero(units.table == t)[0]
                 units.rank[sel] = r[units.index[sel]]
-    return a, rank_loads(space, perf, a)
+    return a, rank_loads(space, a)
 
 
 def _best(candidates, trial, current):
@@ -162,23 +167,22 @@ def _swapped(a: Assignment, units: _Units, u: int, v: int) -> Tuple[int, int, np
     return t, int(a.option[t]), r
 
 
-def _gather(space, a, kind, best_single, loads, free, perf) -> Optional[Tuple[int, int, np.ndarray]]:
+def _gather(space, a, kind, best_single, loads, free) -> Optional[Tuple[int, int, np.ndarray]]:
     """The spread table (row-wise / data-parallel) whose move onto one rank lowers the peak most."""
     W = space.world_size
     opts = a.option
     gather = np.nonzero((kind[opts] == UNIFORM) & (space.opt_count[opts] == W) & (best_single >= 0))[0]
     if not len(gather) or W == 1:
         return None
-    idx = space.opt_start[opts[gather]][:, None] + np.arange(W)[None, :]
-    up, um = perf[idx], space.shard_mem[idx]
-    sp = space.opt_start[best_single[gather]]
+    up, um = space.expand_full(opts[gather], space.run_total), space.expand_full(opts[gather], space.run_mem)
+    sp = space.opt_run[best_single[gather]]  # single shard: one run
     base = loads[None, :] - up
-    fits = (free[None, :, :] + um >= space.shard_mem[sp][:, None, :]).all(2)
+    fits = (free[None, :, :] + um >= space.run_mem[sp][:, None, :]).all(2)
     dest = np.argmin(np.where(fits, base, np.inf), axis=1)
     rows = np.arange(len(gather))
     ok = fits[rows, dest]
     new = base.copy()
-    new[rows, dest] += perf[sp]
+    new[rows, dest] += space.run_total[sp]
     peaks = np.where(ok, new.max(1), np.inf)
     k = int(np.argmin(peaks))
     if not np.isfinite(peaks[k]):
@@ -188,10 +192,9 @@ def _gather(space, a, kind, best_single, loads, free, perf) -> Optional[Tuple[in
 
 def _reinsertions(space, cands, a, st: RankState, top: int) -> List[List[Tuple[int, int, np.ndarray]]]:
     """For the tables with the most work on the busiest rank: their best re-placement."""
-    perf = cands.perf
     on_top = []
     for t, (o, r) in enumerate(zip(a.option.tolist(), a.ranks)):
-        here = perf[space.shards(o)][r == top].sum()
+        here = space.perf_of(o)[r == top].sum()
         if here > 0:
             on_top.append((-here, t))
     out = []

@@ -24,9 +24,8 @@ def capacity(hbm_cap: np.ndarray, ddr_cap: np.ndarray, ssd_cap: Optional[np.ndar
 class RankState:
     """Loads and free memory of every rank while shards are placed and removed."""
 
-    def __init__(self, space: SearchSpace, perf: np.ndarray, cap: np.ndarray) -> None:
+    def __init__(self, space: SearchSpace, cap: np.ndarray) -> None:
         self.space = space
-        self.perf = perf
         self.placement = space.opt_placement
         self.cap = cap
         self.loads = np.zeros(space.world_size)
@@ -34,9 +33,13 @@ class RankState:
         self._scale: Optional[np.ndarray] = None
 
     def add(self, o: int, ranks: np.ndarray, sign: int = 1) -> None:
-        sl = self.space.shards(o)
-        np.add.at(self.loads, ranks, sign * self.perf[sl])
-        np.subtract.at(self.free, ranks, sign * self.space.shard_mem[sl])
+        s = self.space
+        if len(ranks) == self.loads.shape[0] and self.placement[o] == UNIFORM:  # shard i on rank i
+            self.loads += sign * s.perf_of(o)
+            self.free -= sign * s.mem_of(o)
+            return
+        np.add.at(self.loads, ranks, sign * s.perf_of(o))
+        np.subtract.at(self.free, ranks, sign * s.mem_of(o))
 
     def remove(self, o: int, ranks: np.ndarray) -> None:
         self.add(o, ranks, -1)
@@ -46,8 +49,7 @@ class RankState:
         ties), or None if they cannot fit. `by_memory`: instead put each shard where it leaves the
         least free memory (best fit), to pack tight memory."""
         s = self.space
-        sl = s.shards(o)
-        p, mem = self.perf[sl], s.shard_mem[sl]
+        p, mem = s.perf_of(o), s.mem_of(o)
         kind = self.placement[o]
         if kind == UNIFORM:
             if np.any(mem > self.free):

@@ -31,10 +31,10 @@ def to_sharding_plan(space: SearchSpace, a: Assignment, compute_device: str) -> 
     for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
         table = space.tables[t]
         st = str(space.opt_type[o])
-        sl = space.shards(o)
         rank_list = [int(r) for r in ranks]
         spec = None
         if st != DP:
+            sizes, offsets = space.geometry_of(o)
             spec = EnumerableShardingSpec(
                 [
                     ShardMetadata(
@@ -42,9 +42,7 @@ def to_sharding_plan(space: SearchSpace, a: Assignment, compute_device: str) -> 
                         shard_offsets=offset,
                         placement=placement(compute_device, r, local),
                     )
-                    for size, offset, r in zip(
-                        space.shard_size[sl].tolist(), space.shard_offset[sl].tolist(), rank_list
-                    )
+                    for size, offset, r in zip(sizes.tolist(), offsets.tolist(), rank_list)
                 ]
             )
         module_plan = plan.setdefault(table.path, EmbeddingModuleShardingPlan())
@@ -60,8 +58,8 @@ def to_sharding_plan(space: SearchSpace, a: Assignment, compute_device: str) -> 
 
 def _sharding_option(space: SearchSpace, o: int, batch_size: int, ranks=None) -> ShardingOption:
     table = space.tables[int(space.opt_table[o])]
-    sl = space.shards(o)
-    ranks = [None] * (sl.stop - sl.start) if ranks is None else [int(r) for r in ranks]
+    ranks = [None] * int(space.opt_count[o]) if ranks is None else [int(r) for r in ranks]
+    sizes, offsets = space.geometry_of(o)
     shards = [
         Shard(
             size=list(size),
@@ -71,8 +69,7 @@ def _sharding_option(space: SearchSpace, o: int, batch_size: int, ranks=None) ->
             rank=r,
         )
         for size, offset, m, perf, r in zip(
-            space.shard_size[sl].tolist(), space.shard_offset[sl].tolist(), space.shard_mem[sl].tolist(),
-            space.shard_perf[sl].tolist(), ranks,
+            sizes.tolist(), offsets.tolist(), space.mem_of(o).tolist(), space.expand(o, space.run_perf).tolist(), ranks,
         )
     ]
     st = str(space.opt_type[o])
@@ -122,12 +119,31 @@ def assignment_from_plan(space: SearchSpace, plan: ShardingPlan) -> Assignment:
         if ps.sharding_spec is None:  # data-parallel: shard i on rank i
             ranks.append(np.array(ps.ranks, dtype=np.int64))
             continue
-        sl = space.shards(o)
+        sizes, offsets = space.geometry_of(o)
         slots = {}
-        for i, (off, size) in enumerate(zip(space.shard_offset[sl].tolist(), space.shard_size[sl].tolist())):
+        for i, (off, size) in enumerate(zip(offsets.tolist(), sizes.tolist())):
             slots.setdefault((tuple(off), tuple(size)), []).append(i)
-        r = np.empty(sl.stop - sl.start, dtype=np.int64)
+        r = np.empty(len(sizes), dtype=np.int64)
         for meta, rank in zip(ps.sharding_spec.shards, ps.ranks):
             r[slots[(tuple(meta.shard_offsets), tuple(meta.shard_sizes))].pop(0)] = rank
         ranks.append(r)
     return Assignment(option, ranks)
+
+
+def estimates_from_space(space: SearchSpace, a: Assignment):
+    """The chosen options' per-shard estimates for a plan file, as `planfile.estimates_from_options`
+    reads them from `to_sharding_options`, without building TorchRec objects."""
+    from fastplan.planfile import PERF_FIELDS as FILE_FIELDS, TableEstimates
+
+    columns = [PERF_FIELDS.index(f) for f in FILE_FIELDS]
+    perf = space.run_perf[:, columns]
+    out = {}
+    for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
+        table = space.tables[t]
+        sizes, offsets = space.geometry_of(o)
+        mem = space.mem_of(o)
+        out.setdefault(table.path, {})[table.name] = TableEstimates(
+            ranks=ranks.tolist(), sizes=sizes.tolist(), offsets=offsets.tolist(), hbm=mem[:, 0].tolist(),
+            ddr=mem[:, 1].tolist(), ssd=mem[:, 2].tolist(), perf=space.expand(o, perf).tolist(),
+        )
+    return out

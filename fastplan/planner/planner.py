@@ -36,7 +36,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from fastplan.planner.bound import DEFAULT_TIME_S, plan_bound
 from fastplan.planner.enumerator import FastEnumerator
 from fastplan.planner.errors import InfeasiblePlanError
-from fastplan.planner.plan_builder import to_sharding_options, to_sharding_plan
+from fastplan.planner.plan_builder import estimates_from_space, to_sharding_options, to_sharding_plan
 from fastplan.planner.search import SearchConfig, SearchResult, search
 from fastplan.planner.search_space import SearchSpace, from_sharding_options
 from fastplan.planner.stats import PlanReport, build_report
@@ -305,7 +305,11 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         except InfeasiblePlanError as e:
             raise InfeasiblePlanError(f"{e}\n{self._reservation_note()}", e.error_type, e.proven) from None
         a = self._choose(space, result)
-        options = to_sharding_options(space, a, self._batch_size)
+        # TorchRec ShardingOptions (an object per shard) only for whoever reads them now: callbacks,
+        # Stats that log (debug, or custom ones); otherwise built when `_best_plan` is first read.
+        options = None
+        if self._callbacks or self._debug or self._custom_stats():
+            options = to_sharding_options(space, a, self._batch_size)
         for callback in self._callbacks:
             options = callback(options)
         plan = trec_to_sharding_plan(options, self._topology) if self._callbacks else to_sharding_plan(
@@ -319,17 +323,20 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
         bound = plan_bound(space, cap, _bound_budget(deadline, time.perf_counter() - start), result.makespan,
                            result.lower_bound)
         report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start, bound)
-        self._record(plan, report, options, sharders, inputs)
+        self._record(plan, report, options, sharders, inputs, lambda: estimates_from_space(space, a))
         return plan
 
-    def _record(self, plan: ShardingPlan, report: PlanReport, options: List[ShardingOption], sharders,
-                inputs: Optional["PlanInputs"]) -> None:
-        """A plan just made: to Stats, to its plan file and the cache (when cacheable), then the report."""
-        self._log_stats(plan, options, sharders, report.planning_seconds)
+    def _record(self, plan: ShardingPlan, report: PlanReport, options: Optional[List[ShardingOption]], sharders,
+                inputs: Optional["PlanInputs"], estimates_of=None) -> None:
+        """A plan just made: to Stats (skipped without `options`, as on a cache hit with debug=False), to
+        its plan file and the cache (when cacheable), then the report."""
+        if options is not None:
+            self._log_stats(plan, options, sharders, report.planning_seconds)
         if inputs is not None:
             from fastplan.planfile import PlanFile, encode_estimates, estimates_from_options
 
-            estimates = encode_estimates(estimates_from_options(options))  # as JSON: decoded only if read
+            estimates = estimates_of() if estimates_of is not None else estimates_from_options(options)
+            estimates = encode_estimates(estimates)  # kept as JSON: decoded only if read
             self.last_plan_file = PlanFile(plan, report, inputs.to_raw(), inputs.key, estimates)
             self.cache.put(inputs.key, plan, report=report, estimates=estimates)
         self._finish(report)

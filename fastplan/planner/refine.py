@@ -198,9 +198,9 @@ def refine(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.ndarray
            lower_bound: float, batch_size: int, deterministic_time: float, target_gap: float) -> Tuple[Assignment, np.ndarray, Dict[str, float]]:
     """Re-solve batches of tables (largest work first) exactly, others fixed; keep improvements."""
     W = space.world_size
-    perf = cands.perf
+    perf = space.shard_total
     a = a.copy()
-    loads = rank_loads(space, perf, a)
+    loads = rank_loads(space, a)
     order = np.argsort(-cands.work[a.option], kind="stable")
     nb = max(1, -(-len(order) // batch_size))
     budget = deterministic_time / nb
@@ -239,7 +239,7 @@ def refine(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.ndarray
         trial = a.copy()
         for t, choices in zip(batch.tolist(), per_table):
             trial.option[t], trial.ranks[t] = _decode(space, choices, sol.values)
-        new_loads = rank_loads(space, perf, trial)
+        new_loads = rank_loads(space, trial)
         if new_loads.max() < loads.max():
             stats["improved_batches"] += 1
             a, loads = trial, new_loads
@@ -259,7 +259,7 @@ def exact(space: SearchSpace, cands: Candidates, cap: np.ndarray, deterministic_
     """Solve the whole placement problem from scratch: ("optimal"|"feasible", plan),
     ("infeasible", None) — a proof that nothing fits — or ("unknown", None) when the budget ran out."""
     W = space.world_size
-    b = _Builder(space, cands.perf, _SCALE / max(scale_hint, 1e-300))
+    b = _Builder(space, space.shard_total, _SCALE / max(scale_hint, 1e-300))
     per_table = []
     for t in range(len(space.tables)):
         choices = b.table(cands.by_table[t].tolist(), np.arange(W), cap)

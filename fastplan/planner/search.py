@@ -88,7 +88,7 @@ def lower_bound(cands: Candidates, world_size: int) -> float:
 
 def _unplaceable(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[int]:
     """A table none of whose options fits even on empty ranks (then no plan exists)."""
-    empty = RankState(space, cands.perf, cap)
+    empty = RankState(space, cap)
     for t, opts in enumerate(cands.by_table):
         if not any(empty.place(o) is not None for o in opts.tolist()):
             return t
@@ -149,7 +149,7 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
             )
             raise infeasible_error(space, cands, cap, how)
         starts["exact"] = found
-    start_makespans = {name: float(rank_loads(space, cands.perf, a).max()) for name, a in starts.items()}
+    start_makespans = {name: float(rank_loads(space, a).max()) for name, a in starts.items()}
     best: Optional[Tuple[float, str, Assignment, np.ndarray]] = None
     candidates: Dict[str, Assignment] = {}
     for name, a in starts.items():

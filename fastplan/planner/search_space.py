@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from torchrec.distributed.planner.types import ShardingOption
@@ -25,7 +25,11 @@ PLACEMENT = {TW: DEVICE, CW: DEVICE, TWCW: HOST_DEVICE, TWRW: HOST_UNIFORM, RW: 
 
 @dataclass
 class SearchSpace:
-    """Options (one row each) and their shards (flat, `opt_start[o]` .. `+ opt_count[o]`)."""
+    """Options (one row each) and their shards, stored as runs of identical shards: run `r` is
+    `run_len[r]` shards with the same perf, memory and size, offsets `run_offset[r] + k run_step[r]`.
+    Option `o` is runs `opt_run[o]` .. `+ opt_runs[o]` (a row-wise option over W ranks: at most 3
+    runs, not W rows). The `shard_*` arrays expand every shard (small problems and tests only);
+    searches read per option (`perf_of`, `mem_of`) or per run."""
 
     tables: List[TableInfo]
     world_size: int
@@ -34,12 +38,130 @@ class SearchSpace:
     opt_table: np.ndarray
     opt_type: np.ndarray  # sharding type strings
     opt_kernel: np.ndarray  # compute kernel strings
-    opt_start: np.ndarray
-    opt_count: np.ndarray
-    shard_perf: np.ndarray  # (n_shards, 6) in PERF_FIELDS order
-    shard_mem: np.ndarray  # (n_shards, 3) bytes of hbm, ddr, ssd
-    shard_size: np.ndarray  # (n_shards, 2) rows, cols
-    shard_offset: np.ndarray  # (n_shards, 2)
+    opt_count: np.ndarray  # shards
+    opt_run: np.ndarray  # first run
+    opt_runs: np.ndarray  # number of runs
+    run_len: np.ndarray
+    run_perf: np.ndarray  # (n_runs, 6) in PERF_FIELDS order
+    run_mem: np.ndarray  # (n_runs, 3) bytes of hbm, ddr, ssd
+    run_size: np.ndarray  # (n_runs, 2) rows, cols
+    run_offset: np.ndarray  # (n_runs, 2) of the run's first shard
+    run_step: np.ndarray  # (n_runs, 2) offset from one shard of the run to the next
+
+    # ---- per run and per option ---------------------------------------------------------------
+    @cached_property
+    def opt_start(self) -> np.ndarray:
+        """Index of each option's first shard in the expanded shard list."""
+        return np.cumsum(self.opt_count) - self.opt_count
+
+    @cached_property
+    def run_opt(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.opt_table)), self.opt_runs)
+
+    @cached_property
+    def run_first(self) -> np.ndarray:
+        """Index inside its option of each run's first shard."""
+        ends = np.cumsum(self.run_len)
+        return ends - self.run_len - np.repeat(ends[self.opt_run] - self.run_len[self.opt_run], self.opt_runs) \
+            if len(self.run_len) else np.zeros(0, np.int64)
+
+    @cached_property
+    def run_total(self) -> np.ndarray:
+        """`Perf.total` of one shard of each run: everything but input-dist comms."""
+        return self.run_perf[:, :5].sum(axis=1)
+
+    def _per_option(self, ufunc, values: np.ndarray) -> np.ndarray:
+        return ufunc.reduceat(values, self.opt_run, axis=0) if len(values) else np.zeros((0,) + values.shape[1:])
+
+    @cached_property
+    def opt_work(self) -> np.ndarray:
+        """Summed `Perf.total` of each option's shards."""
+        return self._per_option(np.add, self.run_total * self.run_len)
+
+    @cached_property
+    def opt_max_shard(self) -> np.ndarray:
+        return self._per_option(np.maximum, self.run_total)
+
+    @cached_property
+    def opt_min_shard(self) -> np.ndarray:
+        return self._per_option(np.minimum, self.run_total)
+
+    @cached_property
+    def opt_mem(self) -> np.ndarray:
+        """(n_options, 3) bytes of all of an option's shards."""
+        return self._per_option(np.add, self.run_mem * self.run_len[:, None]).astype(np.int64)
+
+    @cached_property
+    def opt_max_mem(self) -> np.ndarray:
+        """(n_options, 3) bytes of each option's largest shard, per tier."""
+        return self._per_option(np.maximum, self.run_mem).astype(np.int64)
+
+    def runs(self, option: int) -> slice:
+        r = int(self.opt_run[option])
+        return slice(r, r + int(self.opt_runs[option]))
+
+    def expand(self, option: int, values: np.ndarray) -> np.ndarray:
+        """`values` (one row per run) for each of the option's shards."""
+        r = self.runs(option)
+        if self.opt_count[option] == 1:
+            return values[r]
+        return np.repeat(values[r], self.run_len[r], axis=0)
+
+    def perf_of(self, option: int) -> np.ndarray:
+        """`Perf.total` of each of the option's shards."""
+        return self.expand(option, self.run_total)
+
+    def mem_of(self, option: int) -> np.ndarray:
+        """(shards, 3) bytes of each of the option's shards."""
+        return self.expand(option, self.run_mem)
+
+    def geometry_of(self, option: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(sizes, offsets) of the option's shards, (shards, 2) each."""
+        r = self.runs(option)
+        k = _local_index(self.run_len[r])
+        run = np.repeat(np.arange(r.start, r.stop), self.run_len[r])
+        return self.run_size[run], self.run_offset[run] + k[:, None] * self.run_step[run]
+
+    def expand_full(self, options: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """(len(options), world_size, ...) `values` (one row per run) of every shard of options
+        that have one shard per rank."""
+        runs = self._runs_of(options)
+        return values[np.repeat(runs, self.run_len[runs])].reshape((len(options), self.world_size) + values.shape[1:])
+
+    def _runs_of(self, options: np.ndarray) -> np.ndarray:
+        n = self.opt_runs[options]
+        return np.repeat(self.opt_run[options], n) + _local_index(n)
+
+    def uniform_sum(self, options: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """(world_size, ...) per rank the sum of `values` (one row per run) over the shards of
+        `options` placed shard i on rank i (uniform placement)."""
+        runs = self._runs_of(options)
+        diff = np.zeros((self.world_size + 1,) + values.shape[1:], dtype=values.dtype)
+        np.add.at(diff, self.run_first[runs], values[runs])
+        np.subtract.at(diff, self.run_first[runs] + self.run_len[runs], values[runs])
+        return np.cumsum(diff, axis=0)[:-1]
+
+    # ---- every shard, expanded ----------------------------------------------------------------
+    @cached_property
+    def _shard_run(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.run_len)), self.run_len)
+
+    @cached_property
+    def shard_perf(self) -> np.ndarray:
+        return self.run_perf[self._shard_run]
+
+    @cached_property
+    def shard_mem(self) -> np.ndarray:
+        return self.run_mem[self._shard_run]
+
+    @cached_property
+    def shard_size(self) -> np.ndarray:
+        return self.run_size[self._shard_run]
+
+    @cached_property
+    def shard_offset(self) -> np.ndarray:
+        k = _local_index(self.run_len)
+        return self.run_offset[self._shard_run] + k[:, None] * self.run_step[self._shard_run]
 
     @property
     def shard_hbm(self) -> np.ndarray:
@@ -49,10 +171,10 @@ class SearchSpace:
     def shard_ddr(self) -> np.ndarray:
         return self.shard_mem[:, 1]
 
-    @property
+    @cached_property
     def shard_total(self) -> np.ndarray:
         """`Perf.total`: everything but input-dist comms."""
-        return self.shard_perf[:, :5].sum(axis=1)
+        return self.run_total[self._shard_run]
 
     @cached_property
     def opt_placement(self) -> np.ndarray:
@@ -63,6 +185,7 @@ class SearchSpace:
         return self.world_size // self.host_size
 
     def shards(self, option: int) -> slice:
+        """The option's shards in the expanded `shard_*` arrays."""
         s = int(self.opt_start[option])
         return slice(s, s + int(self.opt_count[option]))
 
@@ -70,6 +193,43 @@ class SearchSpace:
         order = np.argsort(self.opt_table, kind="stable")
         bounds = np.searchsorted(self.opt_table[order], np.arange(len(self.tables) + 1))
         return [order[bounds[i] : bounds[i + 1]] for i in range(len(self.tables))]
+
+
+def from_shards(tables: List[TableInfo], world_size: int, local_world_size: int, host_size: int, opt_table: np.ndarray,
+                opt_type: np.ndarray, opt_kernel: np.ndarray, opt_count: np.ndarray, shard_perf: np.ndarray,
+                shard_mem: np.ndarray, shard_size: np.ndarray, shard_offset: np.ndarray) -> SearchSpace:
+    """A search space from one row per shard (options' shards consecutive): consecutive identical
+    shards with evenly spaced offsets become one run."""
+    n = len(shard_perf)
+    opt = np.repeat(np.arange(len(opt_count)), opt_count)
+    attrs = np.column_stack([shard_perf, shard_mem, shard_size]) if n else np.zeros((0, 11))
+    new = np.ones(n, dtype=bool)
+    if n > 1:
+        new[1:] = (opt[1:] != opt[:-1]) | (attrs[1:] != attrs[:-1]).any(1)
+    # A group whose offsets are not evenly spaced becomes one run per shard.
+    first = np.flatnonzero(new)
+    glen = np.diff(np.append(first, n))
+    gid = np.repeat(np.arange(len(first)), glen)
+    step = np.zeros((len(first), 2), np.int64)
+    two = glen > 1
+    step[two] = shard_offset[first[two] + 1] - shard_offset[first[two]]
+    k = np.arange(n) - first[gid]
+    uneven = np.zeros(len(first), dtype=bool)
+    np.logical_or.at(uneven, gid, (shard_offset != shard_offset[first[gid]] + k[:, None] * step[gid]).any(1))
+    new |= uneven[gid]
+    first = np.flatnonzero(new)
+    run_len = np.diff(np.append(first, n))
+    runs_per_opt = np.bincount(opt[first], minlength=len(opt_count)) if n else np.zeros(len(opt_count), np.int64)
+    run_step = np.zeros((len(first), 2), np.int64)
+    two = run_len > 1
+    run_step[two] = shard_offset[first[two] + 1] - shard_offset[first[two]]
+    return SearchSpace(
+        tables=tables, world_size=world_size, local_world_size=local_world_size, host_size=host_size,
+        opt_table=opt_table, opt_type=opt_type, opt_kernel=opt_kernel, opt_count=np.asarray(opt_count, np.int64),
+        opt_run=np.cumsum(runs_per_opt) - runs_per_opt, opt_runs=runs_per_opt, run_len=run_len,
+        run_perf=shard_perf[first].reshape(-1, 6), run_mem=shard_mem[first].reshape(-1, 3),
+        run_size=shard_size[first].reshape(-1, 2), run_offset=shard_offset[first].reshape(-1, 2), run_step=run_step,
+    )
 
 
 def _shard_count(st: str, table: TableInfo, world: int, group: int) -> int:
@@ -107,27 +267,32 @@ def build_search_space(tables: List[TableInfo], cost: CostModel) -> SearchSpace:
     o_kernel = np.array(opt_kernel, dtype=object)
     o_count = np.array(opt_count, dtype=np.int64)
     o_cols = np.array(opt_cols, dtype=np.int64)
-    o_start = np.cumsum(o_count) - o_count
+    n_opt = len(o_table)
 
-    # Shard geometry.
-    s_opt = np.repeat(np.arange(len(o_table)), o_count)
-    local = _local_index(o_count)
-    s_table = o_table[s_opt]
-    s_type = o_type[s_opt]
-    rows = np.array([t.rows for t in tables], dtype=np.int64)[s_table] if tables else np.zeros(0, np.int64)
-    s_rows = rows.copy()
-    s_cols = o_cols[s_opt]
-    s_row_off = np.zeros_like(s_rows)
-    s_col_off = np.where(np.isin(s_type, (CW, TWCW)), local * s_cols, 0)
-    for st, n in ((RW, world), (TWRW, group)):
-        sel = s_type == st
-        block = -(-rows[sel] // n)  # ceil
-        start = np.minimum(local[sel] * block, rows[sel])
-        s_rows[sel] = np.clip(rows[sel] - local[sel] * block, 0, block)
-        s_row_off[sel] = start
+    # Up to three runs per option: full shards, a shorter last one (row-wise kinds), empty ones past
+    # the last row. Column-wise shards are alike; table-wise and data-parallel shards are whole tables.
+    rows = np.array([t.rows for t in tables], dtype=np.int64)[o_table] if tables else np.zeros(0, np.int64)
+    by_rows = np.isin(o_type, (RW, TWRW))
+    by_cols = np.isin(o_type, (CW, TWCW))
+    block = np.where(by_rows, -(-rows // np.maximum(o_count, 1)), rows)
+    full = np.where(by_rows, rows // np.maximum(block, 1), o_count)
+    rem = np.where(by_rows, rows - full * block, 0)
+    last = (rem > 0).astype(np.int64)
+    lens = np.stack([full, last, o_count - full - last], 1)
+    size_rows = np.stack([block, rem, np.zeros_like(rows)], 1)
+    off_rows = np.stack([np.zeros_like(rows), full * block, rows], 1)
+    step = np.zeros((n_opt, 3, 2), np.int64)
+    step[:, 0, 0] = np.where(by_rows, block, 0)
+    step[:, 0, 1] = np.where(by_cols, o_cols, 0)
+    keep = lens > 0
+    r_opt = np.nonzero(keep)[0]
+    runs_per_opt = keep.sum(1)
+    r_len, r_rows = lens[keep], size_rows[keep]
+    r_cols = o_cols[r_opt]
+    r_offset = np.stack([off_rows[keep], np.zeros_like(r_rows)], 1)
 
     perf = cost.perf(tables, o_table, o_type, opt_kernel, o_cols)
-    hbm, ddr = cost.storage(tables, s_table, s_type, o_kernel[s_opt], s_rows, s_cols)
+    hbm, ddr = cost.storage(tables, o_table[r_opt], o_type[r_opt], o_kernel[r_opt], r_rows, r_cols)
     return SearchSpace(
         tables=tables,
         world_size=world,
@@ -136,12 +301,15 @@ def build_search_space(tables: List[TableInfo], cost: CostModel) -> SearchSpace:
         opt_table=o_table,
         opt_type=o_type,
         opt_kernel=o_kernel,
-        opt_start=o_start,
         opt_count=o_count,
-        shard_perf=perf[s_opt],
-        shard_mem=np.stack([hbm, ddr, np.zeros_like(hbm)], axis=1).astype(np.int64).reshape(-1, 3),
-        shard_size=np.stack([s_rows, s_cols], axis=1) if len(s_rows) else np.zeros((0, 2), np.int64),
-        shard_offset=np.stack([s_row_off, s_col_off], axis=1) if len(s_rows) else np.zeros((0, 2), np.int64),
+        opt_run=np.cumsum(runs_per_opt) - runs_per_opt,
+        opt_runs=runs_per_opt,
+        run_len=r_len,
+        run_perf=perf[r_opt].reshape(-1, 6),
+        run_mem=np.stack([hbm, ddr, np.zeros_like(hbm)], axis=1).astype(np.int64).reshape(-1, 3),
+        run_size=np.stack([r_rows, r_cols], axis=1).reshape(-1, 2),
+        run_offset=r_offset.reshape(-1, 2),
+        run_step=step[keep].reshape(-1, 2),
     )
 
 
@@ -173,15 +341,11 @@ def from_sharding_options(
             mem.append([st.hbm, st.ddr, st.ssd] if st is not None else [0, 0, 0])
             size.append(list(sh.size))
             offset.append(list(sh.offset))
-    return SearchSpace(
-        tables=tables,
-        world_size=world_size,
-        local_world_size=local_world_size,
-        host_size=host_size,
+    return from_shards(
+        tables, world_size, local_world_size, host_size,
         opt_table=np.array([i for i, _ in rows], dtype=np.int64),
         opt_type=np.array([so.sharding_type for _, so in rows], dtype=object),
         opt_kernel=np.array([so.compute_kernel for _, so in rows], dtype=object),
-        opt_start=np.cumsum(counts) - counts,
         opt_count=counts,
         shard_perf=np.array(perf, dtype=float).reshape(-1, 6),
         shard_mem=np.array(mem, dtype=np.int64).reshape(-1, 3),

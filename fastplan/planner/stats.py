@@ -83,19 +83,25 @@ def build_report(
 ) -> PlanReport:
     """`bound`: the lower bound to print (default: the search's cheap bound)."""
     W = space.world_size
-    ranks = [RankStats(r, 0.0, 0, 0, int(hbm_cap[r]), int(ddr_cap[r])) for r in range(W)]
-    total = space.shard_total
-    for o, rs in zip(result.assignment.option.tolist(), result.assignment.ranks):
-        sl = space.shards(o)
-        short = _SHORT.get(str(space.opt_type[o]), str(space.opt_type[o]))
-        for r, p, h, d in zip(rs.tolist(), total[sl].tolist(), space.shard_hbm[sl].tolist(), space.shard_ddr[sl].tolist()):
-            st = ranks[r]
-            st.perf += p
-            st.hbm += h
-            st.ddr += d
-            st.shards[short] = st.shards.get(short, 0) + 1
-        for r in set(rs.tolist()):
-            ranks[r].tables += 1
+    a = result.assignment
+    opts = a.option.tolist()
+    at = np.concatenate(a.ranks) if opts else np.zeros(0, np.int64)
+    perf, mem = np.zeros(W), np.zeros((W, 3), np.int64)
+    if opts:  # added shard by shard in table order, as the search adds them
+        np.add.at(perf, at, np.concatenate([space.perf_of(o) for o in opts]))
+        np.add.at(mem, at, np.concatenate([space.mem_of(o) for o in opts]))
+    names = sorted(set(space.opt_type[a.option].tolist()))
+    kind = np.repeat(np.searchsorted(names, space.opt_type[a.option].astype(str)), [len(r) for r in a.ranks])
+    by_kind = np.zeros((W, len(names)), np.int64)
+    np.add.at(by_kind, (at, kind), 1)
+    table = np.repeat(np.arange(len(opts)), [len(r) for r in a.ranks])
+    tables = np.bincount(np.unique(table * W + at) % W, minlength=W) if opts else np.zeros(W, np.int64)
+    short = [_SHORT.get(n, n) for n in names]
+    ranks = [
+        RankStats(r, p, h, d, int(hc), int(dc), {short[k]: c for k, c in enumerate(row) if c}, t)
+        for r, (p, (h, d, _), hc, dc, row, t) in enumerate(zip(perf.tolist(), mem.tolist(), hbm_cap.tolist(), ddr_cap.tolist(),
+                                                                 by_kind.tolist(), tables.tolist()))
+    ]
     return PlanReport(
         ranks=ranks,
         num_tables=len(space.tables),

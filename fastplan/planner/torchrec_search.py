@@ -45,7 +45,7 @@ class _Partitioner:
 
     def __init__(self, space: SearchSpace, cap: np.ndarray) -> None:
         self.s = space
-        self.perf5 = space.shard_perf[:, :5]
+        self.perf5 = space.run_perf[:, :5]  # per run
         self.total = _left_sum(self.perf5)
         self.cap = cap
         W = space.world_size
@@ -57,14 +57,13 @@ class _Partitioner:
         self.tiebreak = tiebreak.tolist()
         self.by_rank = list(range(W))
         self.kind = space.opt_placement
-        self.storage_sum = np.add.reduceat(space.shard_mem, space.opt_start, axis=0)
+        self.storage_sum = space.opt_mem
         self._rows: Dict[int, Tuple[list, list]] = {}
 
     def rows(self, o: int) -> Tuple[list, list]:
         """Option `o`'s shards as (memory rows, perf rows) lists, converted once when first used."""
         if o not in self._rows:
-            sl = self.s.shards(o)
-            self._rows[o] = (self.s.shard_mem[sl].tolist(), self.perf5[sl].tolist())
+            self._rows[o] = (self.s.mem_of(o).tolist(), self.s.expand(o, self.perf5).tolist())
         return self._rows[o]
 
     def partition(self, proposal: np.ndarray) -> Optional[List[np.ndarray]]:
@@ -78,11 +77,10 @@ class _Partitioner:
         if len(uniform):
             if np.any(s.opt_count[proposal[uniform]] != W):
                 return None
-            idx = s.opt_start[proposal[uniform]][:, None] + np.arange(W)[None, :]
-            free -= s.shard_mem[idx].sum(0)
+            free -= s.uniform_sum(proposal[uniform], s.run_mem)
             if np.any(free < 0):  # memory only adds up: some option's shard did not fit
                 return None
-            dev += self.perf5[idx].sum(0)
+            dev += s.expand_full(proposal[uniform], self.perf5).sum(0)  # summed as TorchRec's shards are
             for t in uniform.tolist():
                 ranks[t] = np.arange(W)
         state = (dev.tolist(), _left_sum(dev).tolist(), free.tolist())
@@ -92,11 +90,10 @@ class _Partitioner:
             rest = rest[np.lexsort((np.arange(len(rest)), -st[:, 2], -st[:, 1], -st[:, 0]))]  # descending, stable
         for t in rest.tolist():
             o = int(proposal[t])
-            sl = s.shards(o)
             if kinds[t] == DEVICE:
                 r = self._devices(o, state, range(W), self.tiebreak)
             else:
-                r = self._host(o, sl, state, G, H)
+                r = self._host(o, state, G, H)
             if r is None:
                 return None
             ranks[t] = np.array(r, dtype=np.int64)
@@ -129,7 +126,7 @@ class _Partitioner:
             out.append(best)
         return out
 
-    def _host(self, o: int, sl: slice, state, G: int, H: int) -> Optional[List[int]]:
+    def _host(self, o: int, state, G: int, H: int) -> Optional[List[int]]:
         """`_cohost_partition`: hosts by summed device perf; the first whose total storage holds the
         option and whose devices take its shards."""
         dev, tot, free = state
@@ -145,7 +142,7 @@ class _Partitioner:
             if any(need[i] > sum(free[r][i] for r in host) for i in range(3)):
                 continue
             if self.kind[o] == HOST_UNIFORM:
-                if sl.stop - sl.start != G:
+                if self.s.opt_count[o] != G:
                     return None
                 mem_rows, _ = self.rows(o)
                 if all(all(a >= b for a, b in zip(free[r], m)) for r, m in zip(host, mem_rows)):
@@ -179,13 +176,14 @@ class _Proposers:
     (`GreedyProposer`), `UniformProposer`, `GridSearchProposer` (when it would run)."""
 
     def __init__(self, space: SearchSpace, total: np.ndarray) -> None:
-        starts = space.opt_start
+        """`total`: `Perf.total` of one shard of each run."""
+        starts = space.opt_run
         self.space = space
         self.depth = np.maximum.reduceat(total, starts)
-        self.width = np.add.reduceat(total, starts)
-        hbm, ddr = space.shard_hbm, space.shard_ddr
+        self.width = np.add.reduceat(total * space.run_len, starts)
+        big, tot = space.opt_max_mem, space.opt_mem
         # GreedyProposer's "largest storage": (max hbm, sum hbm, max ddr, sum ddr) over shards.
-        self.storage = list(zip(*(f(x, starts).tolist() for x in (hbm, ddr) for f in (np.maximum.reduceat, np.add.reduceat))))
+        self.storage = list(zip(big[:, 0].tolist(), tot[:, 0].tolist(), big[:, 1].tolist(), tot[:, 1].tolist()))
         by_table = space.options_by_table()
         self.by_depth = [sorted(o.tolist(), key=self.depth.__getitem__) for o in by_table]
         self.by_width = [sorted(o.tolist(), key=self.width.__getitem__) for o in by_table]
@@ -276,7 +274,7 @@ def replay(space: SearchSpace, cap: np.ndarray, budget: int) -> Optional[Replay]
             continue
         loads = np.zeros(W)
         for o, r in zip(p.tolist(), ranks):
-            np.add.at(loads, r, total[space.shards(o)])
+            np.add.at(loads, r, space.expand(o, total))
         makespan = float(loads.max())
         if best is None or makespan < best.makespan:
             best = Replay(p.copy(), ranks, makespan, 0, True)
