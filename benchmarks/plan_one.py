@@ -60,11 +60,12 @@ def plan_to_dict(plan) -> Dict[str, Dict[str, dict]]:
 
 
 def lp_after_plan(fast, module, sharders, makespan: float) -> dict:
-    """The LP bound of the problem `fast` just planned, outside the timed plan()."""
+    """The LP bound of the problem `fast` just planned (shard limits included), outside the timed plan()."""
     from fastplan.planner.bound import LP, plan_bound
 
     space = fast._enumerator.search_space(module, sharders)
-    bound = plan_bound(space, fast._reserve(module, sharders), time_limit_s=120.0)
+    bound = plan_bound(space, fast._reserve(module, sharders), time_limit_s=120.0, makespan=makespan,
+                       always_lp=True)
     return {"lp_bound": bound.value if bound.kind == LP else None, "lp_seconds": bound.seconds}
 
 
@@ -88,7 +89,7 @@ def run(planner: str, spec_path: str, world_size: int, local_world_size: Optiona
             report = fast.last_report
             out.update(lower_bound=report.lower_bound, cheap_bound=report.cheap_bound, model_perf=report.makespan,
                        lp_in_plan=report.bound == "LP", lp_bound=report.lower_bound, lp_seconds=report.bound_seconds)
-            if report.bound != "LP":  # plan() skipped it (plan close to the cheap bound): solve it untimed
+            if report.bound != "LP" or "out of time" in report.bound_note:  # plan() skipped it or ran out of its budget: solve it untimed
                 out.update(lp_in_plan=False, **lp_after_plan(fast, module, sharders, report.makespan))
             start = time.perf_counter()
             fast.plan(module, sharders)

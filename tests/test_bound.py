@@ -98,7 +98,7 @@ def random_problem(rng):
 
 def test_lp_bound_lies_between_the_cheap_bound_and_the_optimum_on_random_small_problems():
     rng = random.Random(13)
-    solved = tighter = 0
+    solved = tighter = raised = 0
     while solved < 100:
         space, cap = random_problem(rng)
         if np.prod([len(c) for c in every_choice(space)]) > 1500:
@@ -112,7 +112,9 @@ def test_lp_bound_lies_between_the_cheap_bound_and_the_optimum_on_random_small_p
         assert bound.value <= optimum * (1 + 1e-9), (bound, optimum)
         solved += 1
         tighter += bound.lp > bound.cheap * (1 + 1e-6)
+        raised += bound.value > bound.lp * (1 + 1e-6)
     assert tighter >= 20, tighter  # the problems exercise the LP, not just the cheap bound
+    assert raised >= 20, raised  # and the shard limits, not just the plain LP
 
 
 def test_memory_that_rules_out_the_fast_option_raises_the_bound_to_the_optimum():
@@ -143,6 +145,20 @@ def test_a_large_shard_stacks_on_the_row_wise_load_every_rank_carries():
     bound = plan_bound(space, cap, time_limit_s=10)
     assert bound.cheap == pytest.approx(1.0)
     assert bound.value == pytest.approx(1.5, rel=1e-5) == brute_force(space, cap)
+
+
+def test_shard_limits_raise_the_bound_where_the_lp_takes_a_too_large_shard_in_part():
+    # Table 1's single 0.66 shard cannot sit beside table 0's row-wise load on any rank under the
+    # optimum, but the plain LP takes it in part. Ranks of 6, 4 and 7 GB; hosts of one rank.
+    t0 = [(TW, [(2.3, 6 * GB)]), (RW, [(0.45, 2 * GB), (0.45, 2 * GB), (0.28, GB)])]
+    t1 = [(TW, [(0.66, 3 * GB)]), (RW, [(0.1, GB), (0.1, GB), (0.1, GB // 2)]),
+          (TWCW, [(0.33, 3 * GB // 2)] * 2)]
+    space = make_space(3, 1, [t0, t1])
+    cap = cap_of([6 * GB, 4 * GB, 7 * GB])
+    bound = plan_bound(space, cap, time_limit_s=10)
+    optimum = brute_force(space, cap)
+    assert bound.lp < optimum * (1 - 0.02)
+    assert bound.lp * (1 + 0.02) < bound.value <= optimum * (1 + 1e-9)
 
 
 def test_the_cheap_bound_is_printed_when_the_lp_has_no_time():

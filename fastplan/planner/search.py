@@ -7,7 +7,9 @@ deterministic-time limit), so every rank computes the same plan:
    model (so the result is never worse than TorchRec's); if neither fits, memory-first packing;
    if that fails too, the exact CP-SAT model — which either finds a plan or proves none exists;
 2. local search from every start; the best result is kept;
-3. CP-SAT refinement in batches of tables, for problems of at most `max_cells` tables x ranks.
+3. when the best is still far from the cheap bound: the LP relaxation's option choice, packed best-fit
+   (`packing`) and improved by local search, replaces it if better (GLOP under a deterministic limit);
+4. CP-SAT refinement in batches of tables, for problems of at most `max_cells` tables x ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from fastplan.planner.assignment import Assignment, rank_loads, rank_memory
+from fastplan.planner.bound import MIN_GAP, LPSolution, PlacementLP
 from fastplan.planner.candidates import Candidates
 from fastplan.planner.errors import infeasible_error
 from fastplan.planner.greedy import memory_greedy, perf_greedy
@@ -43,6 +46,9 @@ class SearchConfig:
     exact_time: float = 5.0  # CP-SAT budget to find or rule out a plan when heuristics fail
     max_exact_vars: int = 400_000  # larger exact models are not attempted
     local_search_steps: int = 20_000
+    lp_deterministic_time: float = 2.0  # GLOP budget for the LP-guided plan (0: skip)
+    max_lp_options: int = 40_000  # larger LPs are not solved while planning
+    pack_steps: int = 8  # bisection steps of the LP-guided packing's target makespan
 
     def scaled_to(self, timeout_s: Optional[float]) -> "SearchConfig":
         """Budgets that fit in `timeout_s` on a slow machine (about 1 deterministic unit and
@@ -53,6 +59,7 @@ class SearchConfig:
             self,
             deterministic_time=min(self.deterministic_time, 0.1 * timeout_s),
             exact_time=min(self.exact_time, 0.3 * timeout_s),
+            lp_deterministic_time=min(self.lp_deterministic_time, 0.2 * timeout_s),
             replay_budget=min(self.replay_budget, int(20_000 * timeout_s)),
         )
 
@@ -65,6 +72,7 @@ class SearchResult:
     lower_bound: float
     stats: Dict[str, object] = field(default_factory=dict)
     candidates: Dict[str, Assignment] = field(default_factory=dict)  # each start after local search
+    lp: Optional[Tuple[PlacementLP, LPSolution]] = None  # the relaxation solved on the way, for the bound
 
     @property
     def makespan(self) -> float:
@@ -162,9 +170,18 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
     assert best is not None
     _, stats["start"], a, loads = best
     stats["starts"] = start_makespans
+    lp = None
+    makespan = float(loads.max())
+    if config.lp_deterministic_time and makespan - lb > MIN_GAP * makespan and in_time() \
+            and sum(map(len, cands.by_table)) <= config.max_lp_options:
+        lp, guided = _lp_guided(space, cands, cap, lb, makespan, config)
+        stats["lp_guided"] = None if guided is None else float(guided[1].max())
+        if guided is not None and float(guided[1].max()) < makespan:
+            a, loads = guided
+            stats["start"] = "lp"
+            makespan = float(loads.max())
     t1 = time.perf_counter()
     stats.update(greedy_s=t1 - t0, refine_s=0.0)
-    makespan = float(loads.max())
     cells = len(space.tables) * W
     if config.deterministic_time and makespan > 0 and (makespan - lb) / makespan > config.target_gap \
             and cells <= config.max_cells and in_time():
@@ -174,4 +191,21 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
         a, loads, rstats = refine(space, cands, a, cap, lb, config.batch_size, budget, config.target_gap)
         stats.update(rstats)
         stats["refine_s"] = time.perf_counter() - t1
-    return SearchResult(a, loads, min(start_makespans.values()), lb, stats, candidates)
+    return SearchResult(a, loads, min(start_makespans.values()), lb, stats, candidates, lp)
+
+
+def _lp_guided(space: SearchSpace, cands: Candidates, cap: np.ndarray, lb: float, makespan: float,
+               config: SearchConfig):
+    """The LP relaxation (model and solution) and, if it solved, the plan packed from its option
+    choice below `makespan`, after local search: (assignment, loads) or None."""
+    from fastplan.planner.packing import lp_choice, pack_below
+
+    model = PlacementLP(space, cands, cap)
+    solution = model.solve(deterministic_time=config.lp_deterministic_time)
+    if solution.value is None:
+        return None, None
+    choice = lp_choice(space, model.opts, solution.x)
+    packed = pack_below(space, cands, cap, choice, max(solution.value, lb), makespan, config.pack_steps)
+    if packed is None:
+        return (model, solution), None
+    return (model, solution), local_search(space, cands, packed, cap, config.local_search_steps)
