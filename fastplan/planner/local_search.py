@@ -20,6 +20,7 @@ from fastplan.planner.search_space import DEVICE, HOST_DEVICE, UNIFORM, SearchSp
 
 REINSERT_TABLES = 8  # tables on the busiest rank re-placed when no move or swap helps
 SWAP_PAIRS = 100_000  # swaps scored per step at most (beyond: partners from the least-loaded ranks)
+SWAP_SHORTLIST = 64  # best-scored swaps whose memory is checked first
 
 
 def score(loads: np.ndarray) -> Tuple[float, int]:
@@ -111,13 +112,11 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
             if len(others):
                 ro = units.rank[others]
                 delta = p[:, None] - units.perf[others][None, :]
-                dm = m[:, None, :] - units.mem[others][None, :, :]
-                ok = (delta > 0) & (dm <= free[ro][None, :, :]).all(2) & (-dm <= free[top]).all(2)
-                ok &= (units.lo[on_top][:, None] <= ro[None, :]) & (ro[None, :] < units.hi[on_top][:, None])
+                ok = (delta > 0) & (units.lo[on_top][:, None] <= ro[None, :]) & (ro[None, :] < units.hi[on_top][:, None])
                 ok &= (units.lo[others][None, :] <= top) & (top < units.hi[others][None, :])
                 pair = np.where(ok, np.maximum(peak - delta, loads[ro][None, :] + delta), np.inf)
-                i, j = np.unravel_index(int(np.argmin(pair)), pair.shape)
-                if np.isfinite(pair[i, j]):
+                i, j = _best_fitting_swap(pair, m, units.mem[others], free[ro], free[top])
+                if i >= 0:
                     a_u, b_u = on_top[i], others[j]
                     if units.table[a_u] == units.table[b_u]:
                         candidates.append([_swapped(a, units, a_u, b_u)])
@@ -142,6 +141,31 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
                 sel = np.nonzero(units.table == t)[0]
                 units.rank[sel] = r[units.index[sel]]
     return a, rank_loads(space, a)
+
+
+def _best_fitting_swap(pair: np.ndarray, mem_top: np.ndarray, mem_other: np.ndarray, free_other: np.ndarray,
+                       free_top: np.ndarray) -> Tuple[int, int]:
+    """The lowest finite entry of `pair` (lowest index on ties) whose swap fits in memory both ways:
+    (row, column), or (-1, -1). Memory is checked for the best entries first, all of them only if
+    none of those fits."""
+    flat = pair.ravel()
+    finite = np.flatnonzero(np.isfinite(flat))
+    if not len(finite):
+        return -1, -1
+    values = flat[finite]
+    if len(finite) > SWAP_SHORTLIST:  # every entry up to the shortlist's last value (ties included)
+        shortlist = finite[values <= np.partition(values, SWAP_SHORTLIST - 1)[SWAP_SHORTLIST - 1]]
+    else:
+        shortlist = finite
+    for cells in (shortlist, finite):
+        i, j = np.divmod(cells, pair.shape[1])
+        dm = mem_top[i] - mem_other[j]
+        fits = np.flatnonzero((dm <= free_other[j]).all(1) & (-dm <= free_top).all(1))
+        if len(fits):
+            best = cells[fits]
+            k = best[np.lexsort((best, flat[best]))[0]]
+            return int(k // pair.shape[1]), int(k % pair.shape[1])
+    return -1, -1
 
 
 def _best(candidates, trial, current):
