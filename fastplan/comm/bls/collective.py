@@ -395,6 +395,8 @@ def _offsets(splits: Optional[Sequence[int]], t: torch.Tensor, nbytes: int, size
     rows = t.size(0) if t.dim() else 1
     row = nbytes // rows if rows else 0
     if not splits:
+        if rows % size:
+            raise ValueError(f"rank {rank}: {rows} rows do not split evenly over {size} ranks (give split sizes)")
         return [i * (rows // size) * row for i in range(size + 1)]
     if len(splits) != size:
         raise ValueError(f"rank {rank}: split sizes must have {size} entries, got {len(splits)}")
