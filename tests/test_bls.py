@@ -283,3 +283,26 @@ def test_dead_or_stalled_peer_raises_an_error_naming_it(mode):
         assert "iteration" in text
         if mode == "stall":
             assert "BLSTimeoutError" in text
+
+
+def test_post_reads_any_cpu_tensor_as_its_bytes_and_checks_split_sizes():
+    import torch
+
+    from fastplan.comm.bls.collective import _bytes_of, _offsets, _writable_bytes
+
+    strided = torch.arange(12.0).view(3, 4).t()
+    for t in (strided, torch.zeros(0, 3), torch.arange(6.0).to(torch.bfloat16), torch.tensor([True, False])):
+        assert bytes(_bytes_of(t)) == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), t.dtype
+    assert _writable_bytes(strided) is None  # outputs are written in place: they must be contiguous
+    out = torch.zeros(4, dtype=torch.bfloat16)
+    _writable_bytes(out)[:] = _bytes_of(torch.ones(4, dtype=torch.bfloat16))
+    assert torch.equal(out, torch.ones(4, dtype=torch.bfloat16))
+    rows = torch.zeros(5, 2)  # 8 bytes a row
+    assert _offsets([1, 4], rows, 40, 2, 0) == [0, 8, 40]
+    assert _offsets(None, torch.zeros(4, 2), 32, 2, 0) == [0, 16, 32]
+    with pytest.raises(ValueError, match="rank 1: split sizes \\[1, 3\\] add up to 4 rows, the tensor has 5"):
+        _offsets([1, 3], rows, 40, 2, 1)
+    with pytest.raises(ValueError, match="rank 0: 5 rows do not split evenly over 2 ranks"):
+        _offsets(None, rows, 40, 2, 0)
+    with pytest.raises(ValueError, match="rank 0: split sizes must have 2 entries"):
+        _offsets([5], rows, 40, 2, 0)

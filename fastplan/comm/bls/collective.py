@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
+import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from datetime import timedelta
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +74,22 @@ class _Channel:
 
     def missing(self, iteration: int) -> List[int]:
         return sorted(p for (p, it) in self.slots if it == iteration) if iteration <= self.posted else []
+
+
+class _BatchScope:
+    """`with group.batch(b):` (a class, not a generator: entered several times per batch)."""
+
+    __slots__ = ("local", "batch_id", "previous")
+
+    def __init__(self, local: threading.local, batch_id: int) -> None:
+        self.local, self.batch_id = local, batch_id
+
+    def __enter__(self) -> None:
+        self.previous = getattr(self.local, "id", None)
+        self.local.id = self.batch_id
+
+    def __exit__(self, *exc) -> None:
+        self.local.id = self.previous
 
 
 class BLSWork(dist.Work):
@@ -144,26 +159,20 @@ class BLSProcessGroup(dist.ProcessGroup):
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._inner)
         self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
         self._mesh = Mesh(dist.PrefixStore("bls-mesh/", store), rank, size, self.timeout_s) if lag else None
-        self._channels: Dict[str, _Channel] = {}
+        self._channels: Dict[object, _Channel] = {}  # by name, or by (file, line, k) of the call site
         self._by_tag: Dict[int, _Channel] = {}
         self._unclaimed: Dict[int, List[Message]] = {}  # blocks of channels this rank has not used yet
         self._lock = threading.RLock()
         self._batch = threading.local()
-        self._occurrences: Dict[int, Dict[str, int]] = {}
+        self._occurrences: Dict[int, Dict[Tuple[str, int], int]] = {}
         self._works: Dict[int, List[BLSWork]] = {}  # batch -> works posted under `batch(b)`, not yet taken
 
     # ---- batch tagging (used by BLSInferencePipeline) --------------------------------------------
-    @contextmanager
-    def batch(self, batch_id: int) -> Iterator[None]:
-        """Calls made inside belong to batch `batch_id`: the k-th call from a call site within a batch
-        is channel (site, k), so a site called twice per batch (lengths, values) gets two channels
-        whose iterations are batches, and the lag counts batches."""
-        previous = getattr(self._batch, "id", None)
-        self._batch.id = batch_id
-        try:
-            yield
-        finally:
-            self._batch.id = previous
+    def batch(self, batch_id: int) -> "_BatchScope":
+        """Calls made inside (`with group.batch(b):`) belong to batch `batch_id`: the k-th call from a
+        call site within a batch is channel (site, k), so a site called twice per batch (lengths,
+        values) gets two channels whose iterations are batches, and the lag counts batches."""
+        return _BatchScope(self._batch, batch_id)
 
     def flush(self) -> None:
         """Send the blocks posted inside `batch(b)` since the last flush: one message per peer."""
@@ -180,23 +189,33 @@ class BLSProcessGroup(dist.ProcessGroup):
         self._occurrences.pop(batch_id, None)
         self._works.pop(batch_id, None)
 
-    def _channel_name(self) -> str:
-        site = _call_site()
+    def _channel_key(self) -> Tuple[str, int, Optional[int]]:
+        """(file, line, k): the k-th call within the current batch from the first frame outside
+        torch.distributed and this module (k is None outside a batch)."""
+        f = sys._getframe(2)
+        while f is not None and (f.f_code.co_filename == __file__ or _TORCH_DIST in f.f_code.co_filename):
+            f = f.f_back
+        site = (f.f_code.co_filename, f.f_lineno) if f is not None else ("unknown", 0)
         batch_id = getattr(self._batch, "id", None)
         if batch_id is None:
-            return site
+            return site + (None,)
         seen = self._occurrences.setdefault(batch_id, {})
         k = seen.get(site, 0)
         seen[site] = k + 1
-        return f"{site}#{k}"
+        return site + (k,)
 
-    def _channel(self, name: str) -> _Channel:
-        ch = self._channels.get(name)
+    def _channel(self, key) -> _Channel:
+        ch = self._channels.get(key)
         if ch is None:
+            if isinstance(key, str):
+                name = key
+            else:
+                file, line, k = key
+                name = f"{file}:{line}" + ("" if k is None else f"#{k}")
             tag = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=7).digest(), "little")
             if tag in self._by_tag:
                 raise BLSError(f"rank {self._rank}: channels {name!r} and {self._by_tag[tag].name!r} share a tag")
-            ch = self._channels[name] = self._by_tag[tag] = _Channel(name, tag)
+            ch = self._channels[key] = self._by_tag[tag] = _Channel(name, tag)
             for msg in self._unclaimed.pop(tag, []):
                 self._deliver(ch, msg)
         return ch
@@ -216,52 +235,51 @@ class BLSProcessGroup(dist.ProcessGroup):
         """Send this rank's blocks of the channel's next iteration i and return its handle once every
         peer's block of i - lag arrived (inside `batch(b)`: right after sending)."""
         size, me = self._size, self._rank
-        out_splits = list(output_split_sizes) if output_split_sizes else [output.size(0) // size] * size
-        in_splits = list(input_split_sizes) if input_split_sizes else [input.size(0) // size] * size
-        if len(out_splits) != size or len(in_splits) != size:
-            raise ValueError(f"rank {me}: split sizes must have {size} entries, got {len(out_splits)} and {len(in_splits)}")
-        out_row = output.element_size() * math.prod(output.shape[1:])
-        in_row = input.element_size() * math.prod(input.shape[1:])
-        out_off = [o * out_row for o in itertools.accumulate(out_splits, initial=0)]
-        in_off = [o * in_row for o in itertools.accumulate(in_splits, initial=0)]
-        src = input.detach().contiguous().view(-1).view(torch.uint8).numpy()
-        dst = _byte_view(output)
+        src, dst = _bytes_of(input), _writable_bytes(output)
         if dst is None:
             raise ValueError(f"rank {me}: the bls backend needs a contiguous CPU output tensor without grad")
+        out_off = _offsets(output_split_sizes, output, dst.nbytes, size, me)
+        in_off = _offsets(input_split_sizes, input, src.nbytes, size, me)
         with self._lock:
-            ch = self._channel(channel or self._channel_name())
+            ch = self._channel(channel or self._channel_key())
             iteration = ch.posted + 1
-            # The bound; a no-op when the previous post (or, in a batch, the pipeline) already waited for it.
-            self._wait_arrived(ch, iteration - self.lag - 1, self.timeout_s)
+            if not ch.arrived(iteration - self.lag - 1):  # the bound (in a batch the pipeline already waited)
+                self._wait_arrived(ch, iteration - self.lag - 1, self.timeout_s)
             ch.posted = iteration
             if self.peers:
                 ch.owed[iteration] = len(self.peers)
+            batch_id = getattr(self._batch, "id", None)
+            held = batch_id is not None
+            sends = []
             for p in self.peers:
                 ch.slots[(p, iteration)] = dst[out_off[p] : out_off[p + 1]]
                 early = ch.early.pop((p, iteration), None)
                 if early is not None:
                     self._place(ch, early)
-            sends = []
-            batch_id = getattr(self._batch, "id", None)
-            for p in self.peers:
                 try:
-                    block = memoryview(src[in_off[p] : in_off[p + 1]])
-                    sends.append((p, self._mesh.send(p, ch.tag, iteration, block, hold=batch_id is not None)))
+                    tracker = self._mesh.send(p, ch.tag, iteration, src[in_off[p] : in_off[p + 1]], hold=held)
                 except zmq.ZMQError as e:
                     raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from e
+                if tracker is not None:
+                    sends.append((p, tracker))
             dst[out_off[me] : out_off[me + 1]] = src[in_off[me] : in_off[me + 1]]
             ch.posts += 1
-            work = BLSWork(self, ch, iteration, output, [(p, t) for p, t in sends if t is not None])
-            if batch_id is None:
-                self._wait_arrived(ch, iteration - self.lag, self.timeout_s)
-            else:
+            work = BLSWork(self, ch, iteration, output, sends)
+            if held:
                 self._works.setdefault(batch_id, []).append(work)
+            else:
+                self._wait_arrived(ch, iteration - self.lag, self.timeout_s)
             return work
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         if self.lag == 0:
             return self._inner.alltoall_base(output, input, list(output_split_sizes or []), list(input_split_sizes or []))
         return self.post(output, input, output_split_sizes, input_split_sizes)
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        """What `torch.distributed.all_to_all_single` calls: served here in Python, without the round
+        trip through torch's C++ dispatcher back into `alltoall_base` (tens of microseconds a call)."""
+        return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
 
     # ---- progress ---------------------------------------------------------------------------------
     def progress(self, timeout_s: float) -> bool:
@@ -299,13 +317,12 @@ class BLSProcessGroup(dist.ProcessGroup):
 
     def _place(self, ch: _Channel, msg: Message) -> None:
         target = ch.slots.pop((msg.peer, msg.seq))
-        if len(msg.payload) != target.nbytes:
+        if msg.payload.nbytes != target.nbytes:
             raise BLSError(
-                f"rank {self._rank}: peer rank {msg.peer} sent {len(msg.payload)} bytes for iteration {msg.seq} of "
+                f"rank {self._rank}: peer rank {msg.peer} sent {msg.payload.nbytes} bytes for iteration {msg.seq} of "
                 f"channel {ch.name}, expected {target.nbytes} (do the ranks agree on the split sizes?)"
             )
-        if target.nbytes:
-            target[:] = np.frombuffer(msg.payload, dtype=np.uint8)
+        target[:] = msg.payload
         left = ch.owed[msg.seq] - 1
         if left:
             ch.owed[msg.seq] = left
@@ -336,7 +353,7 @@ class BLSProcessGroup(dist.ProcessGroup):
     # ---- inspection and teardown ------------------------------------------------------------------
     def lag_stats(self) -> Dict[str, Dict[str, int]]:
         """Per channel: iterations posted, and the most iterations a peer's block arrived ahead of ours."""
-        return {name: {"posts": ch.posts, "max_ahead": ch.max_ahead} for name, ch in self._channels.items()}
+        return {ch.name: {"posts": ch.posts, "max_ahead": ch.max_ahead} for ch in self._channels.values()}
 
     def shutdown(self) -> None:
         """Say goodbye to the peers (after everything queued for them) and close the connections."""
@@ -350,22 +367,46 @@ def _peers(ranks: List[int]) -> str:
     return f"peer rank {ranks[0]}" if len(ranks) == 1 else f"peer ranks {', '.join(map(str, ranks))}"
 
 
-def _byte_view(t: torch.Tensor) -> Optional[np.ndarray]:
-    """A writable uint8 numpy view of a contiguous CPU tensor's memory, or None."""
-    if t.device.type != "cpu" or not t.is_contiguous() or t.requires_grad:
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor, flat (copied only if it is not contiguous)."""
+    t = t.detach() if t.requires_grad else t
+    if t.dtype in _NO_NUMPY:
+        return _flat(t.contiguous().view(-1).view(torch.uint8).numpy())
+    a = t.numpy()
+    return _flat(a if a.flags.c_contiguous else np.ascontiguousarray(a))
+
+
+def _writable_bytes(t: torch.Tensor) -> Optional[memoryview]:
+    """A writable flat byte view of a contiguous CPU tensor's memory, or None."""
+    if t.requires_grad or not t.is_cpu or not t.is_contiguous():
         return None
-    return t.view(-1).view(torch.uint8).numpy()
+    return _flat(t.view(-1).view(torch.uint8).numpy() if t.dtype in _NO_NUMPY else t.numpy())
 
 
-def _call_site() -> str:
-    """The first frame outside torch.distributed and this module: one channel per call site."""
-    f = sys._getframe(2)
-    while f is not None:
-        name = f.f_code.co_filename
-        if name != __file__ and "/torch/distributed/" not in name.replace("\\", "/"):
-            return f"{name}:{f.f_lineno}"
-        f = f.f_back
-    return "unknown"
+def _flat(a: np.ndarray) -> memoryview:
+    return memoryview(a).cast("B") if a.size else memoryview(bytearray())
+
+
+_NO_NUMPY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32}  # dtypes numpy lacks
+
+
+def _offsets(splits: Optional[Sequence[int]], t: torch.Tensor, nbytes: int, size: int, rank: int) -> List[int]:
+    """Byte offsets of the `size` blocks of `t`'s rows (equal blocks without split sizes)."""
+    rows = t.size(0) if t.dim() else 1
+    row = nbytes // rows if rows else 0
+    if not splits:
+        if rows % size:
+            raise ValueError(f"rank {rank}: {rows} rows do not split evenly over {size} ranks (give split sizes)")
+        return [i * (rows // size) * row for i in range(size + 1)]
+    if len(splits) != size:
+        raise ValueError(f"rank {rank}: split sizes must have {size} entries, got {len(splits)}")
+    offsets = [o * row for o in itertools.accumulate(splits, initial=0)]
+    if offsets[-1] != nbytes:
+        raise ValueError(f"rank {rank}: split sizes {list(splits)} add up to {sum(splits)} rows, the tensor has {rows}")
+    return offsets
+
+
+_TORCH_DIST = "/torch/distributed/".replace("/", os.sep)
 
 
 def register_bls_backend(lag: int, timeout_s: Optional[float] = None) -> None:
