@@ -11,6 +11,7 @@ process, and each plan's max-rank perf scored with TorchRec's own estimators.
     python benchmarks/plan_time.py --sizes 20 50 100 500 1000 --world-sizes 8 16
     python benchmarks/plan_time.py --sizes 20000 --world-sizes 256 --torchrec-max 0 --dp-max 0 --score-max 0
     python benchmarks/plan_time.py --table-set scale --sizes 1000 --world-sizes 1024 --torchrec-max 0 --dp-max 0
+    python benchmarks/plan_time.py --table-set scale --pairs 1000:1024 2000:512 20000:256 --torchrec-max 0 --dp-max 0
 """
 
 from __future__ import annotations
@@ -228,10 +229,13 @@ def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
             setattr(row, key, first[key])
         row.deterministic = all(res["plan"] == first["plan"] for _, res in results)
         row.plans["fastplan"] = first["plan"]
-    clis = [time_cli(spec, world, args.fastplan_timeout, work, local) for _ in range(args.repeats)]
-    failed = [c.status for c in clis if c.status != "ok"]
-    row.cli_status = failed[0] if failed else "ok"
-    row.cli_seconds = None if failed else statistics.median(c.wall_s for c in clis)
+    if tables <= args.cli_max:
+        clis = [time_cli(spec, world, args.fastplan_timeout, work, local) for _ in range(args.repeats)]
+        failed = [c.status for c in clis if c.status != "ok"]
+        row.cli_status = failed[0] if failed else "ok"
+        row.cli_seconds = None if failed else statistics.median(c.wall_s for c in clis)
+    else:
+        row.cli_status = "skipped"
 
     for planner, cap, timeout in (("torchrec", args.torchrec_max, args.torchrec_timeout), ("dp", args.dp_max, args.dp_timeout)):
         if tables > cap:
@@ -403,10 +407,23 @@ def _positive(kind):
     return parse
 
 
+def _pair(text: str) -> Tuple[int, int]:
+    try:
+        tables, ranks = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TABLES:RANKS, e.g. 1000:1024, got {text!r}") from None
+    if tables <= 0 or ranks <= 0:
+        raise argparse.ArgumentTypeError(f"table and rank counts must be positive, got {text!r}")
+    return tables, ranks
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The benchmark's options (also `fastplan bench`'s)."""
     ap.add_argument("--sizes", type=_positive(int), nargs="+", metavar="N", default=[20, 50, 100, 500, 1000], help="table counts")
     ap.add_argument("--world-sizes", type=_positive(int), nargs="+", metavar="N", default=[8, 16], help="ranks")
+    ap.add_argument("--pairs", type=_pair, nargs="+", metavar="TABLES:RANKS",
+                    help="instances to run instead of every size x world size")
+    ap.add_argument("--cli-max", type=int, default=20_000, help="largest table count the CLI is timed for")
     ap.add_argument("--local-world-size", type=_positive(int), metavar="N", help="ranks per host (default: 8, or all ranks if fewer)")
     ap.add_argument("--table-set", choices=["report", "scale"], default="report",
                     help="report: dims 4-16, rows 2-1000; scale: issue 13's dims 4-128, rows 10-1e7")
@@ -426,11 +443,11 @@ def execute(args, out=sys.stdout) -> List[Row]:
     progress = lambda msg: print(f"plan_time: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     print(header(), file=out, flush=True)
     with tempfile.TemporaryDirectory(prefix="plan_time_") as work:
-        for world in args.world_sizes:
-            for tables in args.sizes:
-                row = measure(tables, world, args, Path(work), progress)
-                rows.append(row)
-                print(format_row(row), file=out, flush=True)
+        pairs = args.pairs or [(tables, world) for world in args.world_sizes for tables in args.sizes]
+        for tables, world in pairs:
+            row = measure(tables, world, args, Path(work), progress)
+            rows.append(row)
+            print(format_row(row), file=out, flush=True)
     print(legend(rows, args.repeats, args.table_set, args.local_world_size), file=out)
     if args.plot:
         plot(rows, args.plot)

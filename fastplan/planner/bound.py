@@ -62,11 +62,12 @@ def cheap_bound(cands: Candidates, world_size: int) -> float:
 def plan_bound(space: SearchSpace, cap: np.ndarray, time_limit_s: Optional[float] = DEFAULT_TIME_S,
                makespan: Optional[float] = None, cheap: Optional[float] = None,
                cands: Optional[Candidates] = None, lp: Optional[Tuple["PlacementLP", "LPSolution"]] = None,
-               always_lp: bool = False) -> Bound:
+               always_lp: bool = False, max_options: Optional[int] = None) -> Bound:
     """The LP bound when it solves within `time_limit_s`, else the cheap one (`cheap` if the caller
     has it). The LP is not tried without a budget (None or <= 0) or for a plan (`makespan`) within
     MIN_GAP of the cheap bound (unless `always_lp`). `cap`: (world_size, 3) bytes per rank of hbm, ddr, ssd. `lp`: the
-    relaxation and its plain solution if the search solved it already."""
+    relaxation and its plain solution if the search solved it already. `max_options`: larger LPs
+    are not tried (their solve would not end within a planning budget)."""
     start = time.perf_counter()
     if cheap is None:
         cands = cands or Candidates(space)
@@ -76,6 +77,9 @@ def plan_bound(space: SearchSpace, cap: np.ndarray, time_limit_s: Optional[float
     if makespan is not None and makespan - cheap <= MIN_GAP * makespan and not always_lp:
         return Bound(cheap, CHEAP, cheap, status=f"LP skipped (within {MIN_GAP:.1%} of the cheap bound)")
     cands = cands or Candidates(space)
+    options = sum(map(len, cands.by_table))
+    if lp is None and max_options is not None and options > max_options:
+        return Bound(cheap, CHEAP, cheap, status=f"LP skipped ({options} options > {max_options})")
     deadline = start + time_limit_s
     if deadline - time.perf_counter() <= 0:
         return Bound(cheap, CHEAP, cheap, None, time.perf_counter() - start, "LP out of time (building the model)")

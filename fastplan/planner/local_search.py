@@ -146,18 +146,16 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
 def _best_fitting_swap(pair: np.ndarray, mem_top: np.ndarray, mem_other: np.ndarray, free_other: np.ndarray,
                        free_top: np.ndarray) -> Tuple[int, int]:
     """The lowest finite entry of `pair` (lowest index on ties) whose swap fits in memory both ways:
-    (row, column), or (-1, -1). Memory is checked for the best entries first, all of them only if
-    none of those fits."""
+    (row, column), or (-1, -1). Memory is checked for the best entries first, more only if none of
+    those fits."""
     flat = pair.ravel()
     finite = np.flatnonzero(np.isfinite(flat))
     if not len(finite):
         return -1, -1
     values = flat[finite]
-    if len(finite) > SWAP_SHORTLIST:  # every entry up to the shortlist's last value (ties included)
-        shortlist = finite[values <= np.partition(values, SWAP_SHORTLIST - 1)[SWAP_SHORTLIST - 1]]
-    else:
-        shortlist = finite
-    for cells in (shortlist, finite):
+    size = SWAP_SHORTLIST
+    while True:  # shortlists growing 16x: every entry up to the size-th lowest value (ties included)
+        cells = finite if size >= len(finite) else finite[values <= np.partition(values, size - 1)[size - 1]]
         i, j = np.divmod(cells, pair.shape[1])
         dm = mem_top[i] - mem_other[j]
         fits = np.flatnonzero((dm <= free_other[j]).all(1) & (-dm <= free_top).all(1))
@@ -165,6 +163,9 @@ def _best_fitting_swap(pair: np.ndarray, mem_top: np.ndarray, mem_other: np.ndar
             best = cells[fits]
             k = best[np.lexsort((best, flat[best]))[0]]
             return int(k // pair.shape[1]), int(k % pair.shape[1])
+        if size >= len(finite):
+            break
+        size *= 16
     return -1, -1
 
 

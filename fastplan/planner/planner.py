@@ -321,7 +321,7 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
             self._best_plan_value, self._pending = None, lambda: to_sharding_options(space, a, self._batch_size)
         self._num_proposals = self._num_plans = 1
         bound = plan_bound(space, cap, _bound_budget(deadline, time.perf_counter() - start), result.makespan,
-                           result.lower_bound, lp=result.lp)
+                           result.lower_bound, result.cands, result.lp, max_options=config.max_lp_options)
         report = build_report(space, result, cap[:, 0], cap[:, 1], time.perf_counter() - start, bound)
         self._record(plan, report, options, sharders, inputs, lambda: estimates_from_space(space, a))
         return plan

@@ -73,6 +73,7 @@ class SearchResult:
     stats: Dict[str, object] = field(default_factory=dict)
     candidates: Dict[str, Assignment] = field(default_factory=dict)  # each start after local search
     lp: Optional[Tuple[PlacementLP, LPSolution]] = None  # the relaxation solved on the way, for the bound
+    cands: Optional[Candidates] = None  # the options searched, for the bound
 
     @property
     def makespan(self) -> float:
@@ -191,7 +192,7 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
         a, loads, rstats = refine(space, cands, a, cap, lb, config.batch_size, budget, config.target_gap)
         stats.update(rstats)
         stats["refine_s"] = time.perf_counter() - t1
-    return SearchResult(a, loads, min(start_makespans.values()), lb, stats, candidates, lp)
+    return SearchResult(a, loads, min(start_makespans.values()), lb, stats, candidates, lp, cands)
 
 
 def _lp_guided(space: SearchSpace, cands: Candidates, cap: np.ndarray, lb: float, makespan: float,
