@@ -134,7 +134,7 @@ class ShardStore:
         with self.lock:
             for i in sorted(self.shards):
                 h.update(repr(self.layout.specs[i].key).encode())
-                h.update(np.ascontiguousarray(self.shards[i].rows).tobytes())
+                h.update(np.ascontiguousarray(self.shards[i].rows).view(np.uint8))  # no copy
         return h.hexdigest()
 
     def has_news(self, sinces: Dict[int, int]) -> bool:
