@@ -416,12 +416,14 @@ class SyncNode:
             raise WireError(f"sent shards {sorted(store.layout.specs[i].key for i in unasked)} it was not asked for")
         if peer.source:
             self._source_answered.update(dict.fromkeys(shards, time.monotonic()))
-        self._count(pulls=1)
+        applied = rows = 0
         with store.lock:
             if self.paused:
+                self._count(pulls=1)
                 return  # paused (rolled back) while this pull was in flight
             for d in parts:
                 if store.apply_delta(d):
-                    self._count(applied=1, rows_applied=d.n)
+                    applied, rows = applied + 1, rows + d.n
                     if self.on_apply is not None:
                         self.on_apply(store.layout.specs[d.shard].key, store.shards[d.shard].version, d)
+        self._count(pulls=1, applied=applied, rows_applied=rows)
