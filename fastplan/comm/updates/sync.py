@@ -286,8 +286,10 @@ class SyncNode:
                 break  # the asker gets the rest next time
             parts.append(part)
         sent = chan.send(Kind.DELTA_REPLY, len(parts), encode_delta_reply(parts), self.config.timeout_s)
+        full = [p.n for p in parts if p.full]
+        self._count(full_shards=len(full), full_rows=sum(full), deltas=len(parts) - len(full),
+                    delta_rows=sum(p.n for p in parts) - sum(full))
         for p in parts:
-            self._count(**({"full_shards": 1, "full_rows": p.n} if p.full else {"deltas": 1, "delta_rows": p.n}))
             shard, flags, _, version, _ = p.entry
             if flags & COMPLETE:
                 held.pop(shard, None)  # the asker reaches our version: nothing beyond it to remember
