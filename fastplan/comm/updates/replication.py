@@ -245,7 +245,7 @@ def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> N
 
 
 # Rows land at random places in the tables, so with 4 KB pages nearly every row a node writes or
-# reads costs a TLB miss (a third of a replica's CPU at 1 M rows/s): torch backs tensors of 2 MB or
+# reads costs a TLB miss (a quarter of a replica's CPU at 1 M rows/s): torch backs tensors of 2 MB or
 # more with transparent huge pages when its processes start with this set.
 HUGE_PAGES = ("THP_MEM_ALLOC_ENABLE", "1")
 
