@@ -1,6 +1,8 @@
 """Sync nodes in one process: a source answers stragglers with the steps it encoded once, and a
 rollback pauses pulling until it is resumed."""
 
+import time
+
 import torch
 
 from fastplan.comm.updates.state import ModelStateManager
@@ -49,3 +51,25 @@ def test_a_rollback_pauses_pulling_until_resumed(job):
         assert replica.store.versions() == {KEYS[0]: 1, KEYS[1]: 1} and not replica.errors
     finally:
         replica.stop()
+
+
+def test_replicas_probe_each_other_rarely_while_the_source_serves_and_relay_once_it_is_gone(job):
+    kv, source, cfg = job
+    one, two = (SyncNode(rank, 3, new_store(), kv, config=cfg).start(pull=True) for rank in (1, 2))
+    try:
+        source.publish({KEYS[0]: (torch.tensor([1, 2]), torch.ones(2, 8))})
+        wait_for(lambda: one.store.checksum() == two.store.checksum() == source.store.checksum(), "both replicas")
+        time.sleep(0.3)  # connections settle
+        before = one.stats.versions_served + two.stats.versions_served
+        time.sleep(1.5)
+        assert one.stats.versions_served + two.stats.versions_served - before <= 6  # 30 at probe_interval_s
+        two.pause()
+        source.publish({KEYS[1]: (torch.tensor([5]), torch.full((1, 8), 7.0))})
+        wait_for(lambda: one.store.checksum() == source.store.checksum(), "replica 1 to get the last step")
+        source.stop()
+        two.resume()
+        wait_for(lambda: two.store.checksum() == one.store.checksum(), "replica 1 to relay the step to replica 2")
+        assert two.store.versions() == {KEYS[0]: 1, KEYS[1]: 1}
+    finally:
+        one.stop()
+        two.stop()

@@ -2,6 +2,7 @@
 and the node keeps serving its real peers."""
 
 import os
+from dataclasses import replace
 import pickle
 import socket
 import time
@@ -171,3 +172,18 @@ def test_a_shards_parts_must_chain_and_carry_no_row_version_above_their_own():
         decode_delta_reply(wire_bytes(encode_delta_reply([encode_part(lying)])), 1, layout)
     with pytest.raises(WireError, match="parts exceed the limit"):
         decode_delta_reply(memoryview(bytes(64)), MAX_PARTS + 1, layout)
+
+
+def test_row_ids_are_checked_in_every_part_of_a_reply_and_the_part_at_fault_is_named():
+    store = new_store()
+    a = encode_part(store.apply_update(KEYS[0], torch.tensor([5, 40]), torch.ones(2, 8)))
+    b = encode_part(store.apply_update(KEYS[1], torch.tensor([1, 2, 63]), torch.ones(3, 8)))
+    layout = store.layout
+    decoded = decode_delta_reply(wire_bytes(encode_delta_reply([a, b])), 2, layout)
+    assert [d.rows.tolist() for d in decoded] == [[5, 40], [1, 2, 63]]  # b may start below where a ended
+    for key, part, rows, message in ((KEYS[1], b, [2, 2, 63], "not strictly increasing"), (KEYS[1], b, [1, 2, 64], "64 out of range"),
+                                     (KEYS[1], b, [-1, 2, 63], "-1 out of range"), (KEYS[0], a, [40, 5], "not strictly increasing")):
+        bad = replace(part, rows=np.array(rows, "<i4"))
+        parts = [a, bad] if part is b else [bad, b]
+        with pytest.raises(WireError, match=rf"shard \('{key[0]}', 0\), row ids: row id.*{message}"):
+            decode_delta_reply(wire_bytes(encode_delta_reply(parts)), 2, layout)

@@ -23,6 +23,7 @@ from fastplan.comm.updates.layout import Layout
 from fastplan.comm.updates.wire import HEADER, Kind, WireError, decode_error, decode_handshake, encode_handshake, header, parse_header
 
 PREAUTH_LIMIT = 256  # bytes a peer may send before it has authenticated
+SOCKET_BUFFER = 4 << 20  # kernel buffer per direction (capped by net.core.wmem_max / rmem_max)
 _RANKS = struct.Struct("<ii")
 _TIMEVAL = struct.Struct("@ll")  # struct timeval
 
@@ -56,6 +57,8 @@ class Channel:
 
     def __init__(self, sock: socket.socket, peer: str, limit: int = PREAUTH_LIMIT) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # a reply leaves in one send, without waits
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         sock.settimeout(None)
         self.sock = sock
         self.peer = peer

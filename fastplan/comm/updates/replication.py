@@ -173,11 +173,17 @@ def _trainer(cfg: StreamConfig, port: int, out) -> None:
         node.publish(updates)
         writes.append((step, time.time(), hot))
         if hot:
-            hot_rows[step] = [r.tolist() for r in plan[step]]
+            hot_rows[step] = plan[step]
     stream_usage = usage()
+    kv.set("ekko/final_version", str(cfg.steps))
+    # Hash once every replica holds the last step (or after a second): hashing the tables beside a
+    # replica still applying it would delay the very step being measured.
+    reached = [f"ekko/reached/{r}" for r in range(1, cfg.replicas + 1)]
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and not kv.check(reached):
+        time.sleep(0.005)
     final = store.checksum()
     kv.set("ekko/final", final)
-    kv.set("ekko/final_version", str(cfg.steps))
     deadline = time.monotonic() + cfg.converge_timeout_s
     converged: List[int] = []
     while time.monotonic() < deadline:
@@ -215,25 +221,47 @@ def _replica(rank: int, cfg: StreamConfig, port: int, out, restarted: bool) -> N
     start = float(kv.get("ekko/start").decode())
     usage_at_start, stream_cpu = usage(), None
     stream_s = cfg.steps / cfg.steps_per_s
-    done = False
+    reached = done = False
     while not kv.check(["ekko/stop"]):
         elapsed = time.time() - start
         if rank == cfg.kill_replica and not restarted and elapsed > stream_s / 3:
             os._exit(17)  # killed mid-stream
         if rank == cfg.stall_replica and elapsed > stream_s / 3:
             node.serving = False  # alive, but stops answering its peers
-        if stream_cpu is None and kv.check(["ekko/final"]):
-            stream_cpu = usage()["cpu_s"] - usage_at_start["cpu_s"]
-        if not done and kv.check(["ekko/final"]):
-            final_version = int(kv.get("ekko/final_version").decode())
-            if min(store.versions().values()) >= final_version and store.checksum() == kv.get("ekko/final").decode():
+        if not reached and kv.check(["ekko/final_version"]):
+            if min(store.versions().values()) >= int(kv.get("ekko/final_version").decode()):
+                stream_cpu = usage()["cpu_s"] - usage_at_start["cpu_s"]
+                kv.set(f"ekko/reached/{rank}", "1")
+                reached = True
+        if reached and not done and kv.check(["ekko/final"]):
+            if store.checksum() == kv.get("ekko/final").decode():
                 kv.set(f"ekko/converged/{rank}", "1")
                 done = True
         time.sleep(0.05)  # rendezvous polls cost CPU the stream needs; latencies come from apply times
     node.stop()
     out.put(("replica", rank, {"applied": applied, "row_log": row_log, "stats": asdict(node.stats), "converged": done,
                                "restarted": restarted, "errors": [asdict(e) for e in node.errors], **usage(),
-                               "stream_cpu_s": stream_cpu or 0.0}))
+                               "stream_cpu_s": usage()["cpu_s"] - usage_at_start["cpu_s"] if stream_cpu is None else stream_cpu}))
+
+
+# Rows land at random places in the tables, so with 4 KB pages nearly every row a node writes or
+# reads costs a TLB miss (a quarter of a replica's CPU at 1 M rows/s): torch backs tensors of 2 MB or
+# more with transparent huge pages when its processes start with this set.
+HUGE_PAGES = ("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def _start(p) -> None:
+    """Start a spawned process with huge pages for its tensors (spawn copies this environment)."""
+    name, value = HUGE_PAGES
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        p.start()
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def run_stream(cfg: StreamConfig) -> Dict:
@@ -250,7 +278,7 @@ def run_stream(cfg: StreamConfig) -> Dict:
     for r in range(1, cfg.replicas + 1):
         procs[r] = ctx.Process(target=_replica, args=(r, cfg, port, out, False))
     for p in procs.values():
-        p.start()
+        _start(p)
     results: Dict = {"replicas": {}, "restarted": False}
     stream_s = cfg.steps / cfg.steps_per_s
     limit = time.monotonic() + stream_s * 3 + cfg.converge_timeout_s + 120
@@ -264,7 +292,7 @@ def run_stream(cfg: StreamConfig) -> Dict:
                 results["killed_exitcode"] = procs[k].exitcode
                 time.sleep(stream_s / 3)  # stays dead for a third of the stream, then restarts empty-handed
                 procs[k] = ctx.Process(target=_replica, args=(k, cfg, port, out, True))
-                procs[k].start()
+                _start(procs[k])
                 results["restarted"] = True
             try:
                 role, rank, data = out.get(timeout=0.2)

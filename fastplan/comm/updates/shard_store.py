@@ -134,7 +134,7 @@ class ShardStore:
         with self.lock:
             for i in sorted(self.shards):
                 h.update(repr(self.layout.specs[i].key).encode())
-                h.update(np.ascontiguousarray(self.shards[i].rows).tobytes())
+                h.update(np.ascontiguousarray(self.shards[i].rows).view(np.uint8))  # no copy
         return h.hexdigest()
 
     def has_news(self, sinces: Dict[int, int]) -> bool:
@@ -252,8 +252,9 @@ class ShardStore:
                 brought = np.unique(np.concatenate([d.rows, *s.partial])) if s.partial else d.rows
                 s.version = d.version
                 self._cache_add(s, d.version, brought)
-                beyond = brought[s.row_versions[brought] > s.version]  # still ahead, from incomplete deltas
-                s.partial = [beyond] if len(beyond) else []
+                if s.partial or d.since < old:  # else every row is at d.version or older: none is beyond
+                    beyond = brought[s.row_versions[brought] > s.version]  # still ahead, from incomplete deltas
+                    s.partial = [beyond] if len(beyond) else []
             self.changed.notify_all()
             return True
 

@@ -11,8 +11,9 @@ A source (the trainer rank that writes a shard) is always ahead or level, so wit
 and 4 as its reply. A source encodes each published step once and answers an asker that is a few
 steps behind with those steps in order (no per-asker work); under a bandwidth cap it remembers,
 per connection, which rows it already sent, so a cut-short delta is not sent again. Other peers
-are probed every `probe_interval_s`, for shards whose source has stopped answering: replicas serve
-each other what a missing source cannot. A shard is fetched by one thread at a time. A peer that
+are probed every `probe_interval_s` (`quiet_probe_interval_s` while live sources serve all they
+hold), for shards whose source has stopped answering: replicas serve each other what a missing
+source cannot. A shard is fetched by one thread at a time. A peer that
 is dead, stalls, fails authentication or sends malformed bytes is named in `errors` and left alone
 for `cooldown_s`; the node keeps serving.
 """
@@ -49,6 +50,7 @@ class SyncConfig:
     min_interval_s: float = 0.002  # at least this between pulls from a source: rows batch up meanwhile
     long_poll_s: float = 0.5  # a source holds a pull this long, waiting for news
     probe_interval_s: float = 0.1  # how often peers that are not sources are asked
+    quiet_probe_interval_s: float = 1.0  # ... while a live source serves every shard they hold (to see them go)
     max_connections: int = 64
     prefix: str = "ekko"  # key prefix in the rendezvous store
     step_bytes: int = 16 << 20  # encoded steps a source keeps per shard; askers further behind get one delta
@@ -65,6 +67,7 @@ class SyncStats:
     full_shards: int = 0
     full_rows: int = 0
     pulls: int = 0  # delta requests this node made
+    versions_served: int = 0  # version exchanges (connects and probes) this node answered
     applied: int = 0  # parts applied
     rows_applied: int = 0
 
@@ -252,6 +255,7 @@ class SyncNode:
                     decode_versions(body, count, layout)
                     mine = self.store.version_array()
                     chan.send(Kind.VERSIONS_REPLY, len(mine), [mine], self.config.timeout_s)
+                    self._count(versions_served=1)
                 elif kind is Kind.DELTA:  # steps 3-4
                     self._send_deltas(chan, *decode_delta_request(body, count, layout), held)
                 else:
@@ -286,8 +290,10 @@ class SyncNode:
                 break  # the asker gets the rest next time
             parts.append(part)
         sent = chan.send(Kind.DELTA_REPLY, len(parts), encode_delta_reply(parts), self.config.timeout_s)
+        full = [p.n for p in parts if p.full]
+        self._count(full_shards=len(full), full_rows=sum(full), deltas=len(parts) - len(full),
+                    delta_rows=sum(p.n for p in parts) - sum(full))
         for p in parts:
-            self._count(**({"full_shards": 1, "full_rows": p.n} if p.full else {"deltas": 1, "delta_rows": p.n}))
             shard, flags, _, version, _ = p.entry
             if flags & COMPLETE:
                 held.pop(shard, None)  # the asker reaches our version: nothing beyond it to remember
@@ -345,7 +351,7 @@ class SyncNode:
                     self._track(peer.chan, False)
                     peer.chan = None
                 continue
-            self._stop.wait(cfg.min_interval_s if peer.source else cfg.probe_interval_s)
+            self._stop.wait(cfg.min_interval_s if peer.source else self._probe_interval(peer))
         if peer.chan is not None:
             self._track(peer.chan, False)
 
@@ -402,6 +408,14 @@ class SyncNode:
             with self._lock:
                 self._claimed.difference_update(claim)
 
+    def _probe_interval(self, peer: _Peer) -> float:
+        """Probes find nothing to fetch while sources answer for all a peer holds: then they only
+        check the peer is there, and rarely (each costs both ends a version exchange)."""
+        answered = time.monotonic() - self.config.timeout_s
+        if all(self._source_answered.get(i, -np.inf) >= answered for i in peer.holds):
+            return self.config.quiet_probe_interval_s
+        return self.config.probe_interval_s
+
     def _fetch(self, peer: _Peer, shards: List[int], wait_ms: int) -> None:
         store, cfg = self.store, self.config
         mine = store.version_array()
@@ -416,12 +430,14 @@ class SyncNode:
             raise WireError(f"sent shards {sorted(store.layout.specs[i].key for i in unasked)} it was not asked for")
         if peer.source:
             self._source_answered.update(dict.fromkeys(shards, time.monotonic()))
-        self._count(pulls=1)
+        applied = rows = 0
         with store.lock:
             if self.paused:
+                self._count(pulls=1)
                 return  # paused (rolled back) while this pull was in flight
             for d in parts:
                 if store.apply_delta(d):
-                    self._count(applied=1, rows_applied=d.n)
+                    applied, rows = applied + 1, rows + d.n
                     if self.on_apply is not None:
                         self.on_apply(store.layout.specs[d.shard].key, store.shards[d.shard].version, d)
+        self._count(pulls=1, applied=applied, rows_applied=rows)

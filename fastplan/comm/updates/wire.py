@@ -37,6 +37,7 @@ HANDSHAKE = struct.Struct("<32s32si4x")
 WELCOME = struct.Struct("<32s")
 WAIT = struct.Struct("<I4x")
 REQUEST = np.dtype([("shard", "<u4"), ("pad", "<u4"), ("since", "<i8")])
+_ASK = struct.Struct("<IIq")  # one REQUEST entry
 PART = np.dtype([("shard", "<u4"), ("flags", "<u4"), ("since", "<i8"), ("version", "<i8"), ("n_rows", "<u8")])
 FULL, COMPLETE, UNIFORM = 1, 2, 4
 MAX_ERROR_TEXT = 4096
@@ -144,10 +145,7 @@ class Ask:
 
 
 def encode_delta_request(asks: Sequence[Ask], wait_ms: int = 0) -> List:
-    table = np.zeros(len(asks), REQUEST)
-    table["shard"] = [a.shard for a in asks]
-    table["since"] = [a.since for a in asks]
-    return [WAIT.pack(wait_ms), table]
+    return [WAIT.pack(wait_ms) + b"".join(_ASK.pack(a.shard, 0, a.since) for a in asks)]
 
 
 def _check_rows(rows: np.ndarray, limit: int, what: str) -> None:
@@ -176,12 +174,15 @@ def decode_delta_request(body, count: int, layout: Layout) -> Tuple[List[Ask], i
     (wait_ms,) = WAIT.unpack_from(body)
     body = body[WAIT.size :]
     _need(body, REQUEST.itemsize * count, "delta request")
-    table = _table(body, REQUEST, count, layout, "delta request")
-    if len(np.unique(table["shard"])) != count:
+    table = np.frombuffer(body, REQUEST, count)
+    shards, pads, sinces = (table[f].tolist() for f in ("shard", "pad", "since"))  # a few asks: lists beat numpy
+    if count and max(shards) >= len(layout):
+        raise WireError(f"delta request: shard index {max(shards)} is not in the layout ({len(layout)} shards)")
+    if len(set(shards)) != count:
         raise WireError("delta request: a shard is listed twice")
-    if table["pad"].any():
+    if any(pads):
         raise WireError("delta request: padding is not zero")
-    asks = [Ask(shard, since) for shard, since in zip(table["shard"].tolist(), table["since"].tolist())]
+    asks = [Ask(shard, since) for shard, since in zip(shards, sinces)]
     for a in asks:
         if a.since < -1:
             raise WireError(f"delta request, shard {layout.specs[a.shard].key}: since {a.since} < -1")
@@ -237,16 +238,15 @@ def decode_delta_reply(body, count: int, layout: Layout) -> List[Delta]:
     reached = {}  # shard -> (version, complete) of its previous part in this reply
     for shard, f, since, version, k in entries:
         spec = layout.specs[shard]
-        what = f"delta reply, shard {spec.key}"
         if f & ~(FULL | COMPLETE | UNIFORM):
-            raise WireError(f"{what}: unknown flags {f:#x}")
+            raise WireError(f"delta reply, shard {spec.key}: unknown flags {f:#x}")
         if shard in reached and reached[shard] != (since, True):
-            raise WireError(f"{what}: a part starting at {since} follows one reaching {reached[shard]} (version, complete)")
+            raise WireError(f"delta reply, shard {spec.key}: a part starting at {since} follows one reaching {reached[shard]} (version, complete)")
         reached[shard] = (version, bool(f & COMPLETE))
         if k > spec.rows or (f & FULL and k != spec.rows):
-            raise WireError(f"{what}: {k} rows for a shard of {spec.rows}{' (full)' if f & FULL else ''}")
+            raise WireError(f"delta reply, shard {spec.key}: {k} rows for a shard of {spec.rows}{' (full)' if f & FULL else ''}")
         if version < 0 or since < -1 or (not f & FULL and version <= since):
-            raise WireError(f"{what}: versions since {since} -> {version} do not advance")
+            raise WireError(f"delta reply, shard {spec.key}: versions since {since} -> {version} do not advance")
         n_vers += 0 if f & UNIFORM else k
         n_ids += 0 if f & FULL else k
         value_bytes += k * spec.row_bytes
@@ -254,12 +254,13 @@ def decode_delta_reply(body, count: int, layout: Layout) -> List[Delta]:
     off_ids = off_vers + 8 * n_vers
     off_vals = off_ids + 4 * n_ids + (-4 * n_ids % 8)
     _need(body, off_vals + value_bytes, "delta reply")
+    ids = np.frombuffer(body, "<i4", n_ids, off_ids).astype(np.int64)  # every part's row ids
+    _check_ids(ids, entries, layout)
     out = []
     for shard, f, since, version, k in entries:
         spec = layout.specs[shard]
-        what = f"delta reply, shard {spec.key}"
         if f & UNIFORM:
-            rv = np.broadcast_to(np.int64(version), (k,))  # read-only, allocates nothing
+            rv = np.ndarray((k,), np.int64, np.int64(version), 0, (0,))  # read-only, allocates nothing
         else:
             rv = np.frombuffer(body, "<i8", k, off_vers)
             off_vers += 8 * k
@@ -267,13 +268,38 @@ def decode_delta_reply(body, count: int, layout: Layout) -> List[Delta]:
             low = -1 if f & FULL else since + 1
             if k and (int(rv.min()) < low or int(rv.max()) > version):
                 bad = int(rv.min()) if int(rv.min()) < low else int(rv.max())
-                raise WireError(f"{what}: row version {bad} outside [{low}, {version}]")
+                raise WireError(f"delta reply, shard {spec.key}: row version {bad} outside [{low}, {version}]")
         rows = None
         if not f & FULL:
-            rows = np.frombuffer(body, "<i4", k, off_ids).astype(np.int64)
-            off_ids += 4 * k
-            _check_rows(rows, spec.rows, f"{what}, row ids")
-        values = np.frombuffer(body, np.dtype((np.void, spec.row_bytes)), k, off_vals)
+            rows, ids = ids[:k], ids[k:]
+        values = np.frombuffer(body, _row_dtype(spec.row_bytes), k, off_vals)
         off_vals += k * spec.row_bytes
         out.append(Delta(shard, since, version, rows, values, rv, bool(f & FULL), bool(f & COMPLETE)))
     return out
+
+
+def _check_ids(ids: np.ndarray, entries, layout: Layout) -> None:
+    """Row ids strictly increasing within each part and inside its shard: checked for every part at
+    once, then part by part only to name the one at fault."""
+    parts = [(shard, k) for shard, f, _, _, k in entries if not f & FULL and k]
+    if not parts:
+        return
+    counts = np.array([k for _, k in parts])
+    ends = np.cumsum(counts)
+    up = ids[1:] > ids[:-1]
+    up[ends[:-1] - 1] = True  # a part may start below where the previous one ended
+    limits = np.array([layout.specs[shard].rows for shard, _ in parts])
+    if up.all() and ids[ends - counts].min() >= 0 and (ids[ends - 1] < limits).all():
+        return
+    for (shard, k), end in zip(parts, ends.tolist()):
+        _check_rows(ids[end - k : end], layout.specs[shard].rows, f"delta reply, shard {layout.specs[shard].key}, row ids")
+
+
+_ROW_DTYPES: dict = {}
+
+
+def _row_dtype(row_bytes: int) -> np.dtype:
+    """One raw element per row (built once per row size: numpy dtypes are slow to make)."""
+    if row_bytes not in _ROW_DTYPES:
+        _ROW_DTYPES[row_bytes] = np.dtype((np.void, row_bytes))
+    return _ROW_DTYPES[row_bytes]
