@@ -1,7 +1,7 @@
 """One planner on one table spec, in this process (run by benchmarks/plan_time.py): times plan()
 and writes the timings and the plan as JSON, so each run's peak RSS is its own process's.
 
-    python benchmarks/plan_one.py {fastplan,torchrec,dp} SPEC.json WORLD_SIZE OUT.json [--local-world-size N]
+    python benchmarks/plan_one.py {fastplan,torchrec,dp} SPEC.json WORLD_SIZE OUT.json [--local-world-size N] [--no-lp-after]
 
 Baselines import only TorchRec, so fastplan's modules do not count in their memory.
 """
@@ -69,7 +69,8 @@ def lp_after_plan(fast, module, sharders, makespan: float) -> dict:
     return {"lp_bound": bound.value if bound.kind == LP else None, "lp_seconds": bound.seconds}
 
 
-def run(planner: str, spec_path: str, world_size: int, local_world_size: Optional[int] = None) -> dict:
+def run(planner: str, spec_path: str, world_size: int, local_world_size: Optional[int] = None,
+        lp_after: bool = True) -> dict:
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner.types import Topology
 
@@ -88,8 +89,10 @@ def run(planner: str, spec_path: str, world_size: int, local_world_size: Optiona
             out["seconds"] = time.perf_counter() - start
             report = fast.last_report
             out.update(lower_bound=report.lower_bound, cheap_bound=report.cheap_bound, model_perf=report.makespan,
-                       lp_in_plan=report.bound == "LP", lp_bound=report.lower_bound, lp_seconds=report.bound_seconds)
-            if report.bound != "LP" or "out of time" in report.bound_note:  # plan() skipped it or ran out of its budget: solve it untimed
+                       lp_in_plan=report.bound == "LP", lp_bound=report.lower_bound if report.bound == "LP" else None,
+                       lp_seconds=report.bound_seconds)
+            # plan() skipped the LP or ran out of its budget: solve it untimed
+            if lp_after and (report.bound != "LP" or "out of time" in report.bound_note):
                 out.update(lp_in_plan=False, **lp_after_plan(fast, module, sharders, report.makespan))
             start = time.perf_counter()
             fast.plan(module, sharders)
@@ -122,8 +125,10 @@ def main(argv=None) -> None:
     ap.add_argument("world_size", type=int)
     ap.add_argument("out")
     ap.add_argument("--local-world-size", type=int, help="ranks per host (default: all ranks on one host)")
+    ap.add_argument("--no-lp-after", action="store_true", help="fastplan: do not solve the LP after plan() when it skipped it")
     args = ap.parse_args(argv)
-    Path(args.out).write_text(json.dumps(run(args.planner, args.spec, args.world_size, args.local_world_size)))
+    result = run(args.planner, args.spec, args.world_size, args.local_world_size, not args.no_lp_after)
+    Path(args.out).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

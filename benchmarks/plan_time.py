@@ -117,10 +117,11 @@ def local_world_size(world: int, given: Optional[int]) -> int:
 
 
 def plan_in_process(planner: str, spec: Path, world: int, timeout_s: float, work: Path,
-                    local: Optional[int] = None) -> Tuple[Run, Optional[dict]]:
+                    local: Optional[int] = None, lp_after: bool = True) -> Tuple[Run, Optional[dict]]:
     out = work / f"{planner}.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(CHILD), planner, str(spec), str(world), str(out), "--local-world-size", str(local_world_size(world, local))]
+    cmd += [] if lp_after else ["--no-lp-after"]
     done = run_process(cmd, timeout_s, work / "child.log")
     if done.status != "ok":
         return Run(status=done.status, peak_rss_mb=done.peak_rss_mb), None
@@ -214,7 +215,7 @@ def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
     progress(f"{tables} tables / {world} ranks: fastplan x{args.repeats}")
     results = []
     for _ in range(args.repeats):
-        run, result = plan_in_process("fastplan", spec, world, args.fastplan_timeout, work, local)
+        run, result = plan_in_process("fastplan", spec, world, args.fastplan_timeout, work, local, tables <= args.lp_max)
         if result is None:
             row.fastplan = run
             break
@@ -423,6 +424,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--world-sizes", type=_positive(int), nargs="+", metavar="N", default=[8, 16], help="ranks")
     ap.add_argument("--pairs", type=_pair, nargs="+", metavar="TABLES:RANKS",
                     help="instances to run instead of every size x world size")
+    ap.add_argument("--lp-max", type=int, default=20_000,
+                    help="largest table count whose LP bound is solved (untimed, up to 120 s) after a plan() that skipped it")
     ap.add_argument("--cli-max", type=int, default=20_000, help="largest table count the CLI is timed for")
     ap.add_argument("--local-world-size", type=_positive(int), metavar="N", help="ranks per host (default: 8, or all ranks if fewer)")
     ap.add_argument("--table-set", choices=["report", "scale"], default="report",

@@ -9,7 +9,7 @@ import numpy as np
 from fastplan.planner.assignment import Assignment
 from fastplan.planner.candidates import Candidates
 from fastplan.planner.placement import RankState
-from fastplan.planner.search_space import SearchSpace
+from fastplan.planner.search_space import UNIFORM, SearchSpace
 
 
 def perf_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
@@ -47,6 +47,27 @@ def perf_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optio
         assigned += work[o]
         option[t] = o
         ranks[t] = r
+    return Assignment(option, ranks)
+
+
+def least_work_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
+    """Each table its least-work option that fits (the next least where it does not), spread options
+    first, then largest shard first onto the least-loaded ranks. With many tables per rank this is
+    near the bound where `perf_greedy` trades work for a flat peak early on. None if a table fits nowhere."""
+    state = RankState(space, cap)
+    least = np.array([o[0] if len(o) else -1 for o in cands.by_table])  # by_table is sorted by work
+    order = np.lexsort((np.arange(len(least)), -cands.max_shard[least], space.opt_placement[least] != UNIFORM))
+    option = np.full(len(space.tables), -1, dtype=np.int64)
+    ranks: List[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(space.tables)
+    for t in order.tolist():
+        for o in cands.by_table[t].tolist():
+            placed = state.place(o)
+            if placed is not None:
+                state.add(o, placed[0])
+                option[t], ranks[t] = o, placed[0]
+                break
+        else:
+            return None
     return Assignment(option, ranks)
 
 

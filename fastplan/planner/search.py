@@ -3,10 +3,11 @@
 
 Stages, each deterministic (stable orderings, lowest-index ties, CP-SAT on one worker under a
 deterministic-time limit), so every rank computes the same plan:
-1. starts: the perf-driven greedy, and TorchRec's own default search replayed on the vectorized
-   model (so the result is never worse than TorchRec's); if neither fits, memory-first packing;
+1. starts: the perf-driven greedy, TorchRec's own default search replayed on the vectorized
+   model (so the result is never worse than TorchRec's), and each table's least-work option; if none
+   fits, memory-first packing;
    if that fails too, the exact CP-SAT model — which either finds a plan or proves none exists;
-2. local search from every start; the best result is kept;
+2. local search from every start not far behind the best start; the best result is kept;
 3. when the best is still far from the cheap bound: the LP relaxation's option choice, packed best-fit
    (`packing`) and improved by local search, replaces it if better (GLOP under a deterministic limit);
 4. CP-SAT refinement in batches of tables, for problems of at most `max_cells` tables x ranks.
@@ -24,7 +25,7 @@ from fastplan.planner.assignment import Assignment, rank_loads, rank_memory
 from fastplan.planner.bound import MIN_GAP, LPSolution, PlacementLP
 from fastplan.planner.candidates import Candidates
 from fastplan.planner.errors import infeasible_error
-from fastplan.planner.greedy import memory_greedy, perf_greedy
+from fastplan.planner.greedy import least_work_greedy, memory_greedy, perf_greedy
 from fastplan.planner.local_search import local_search
 from fastplan.planner.placement import RankState, capacity
 from fastplan.planner.search_space import SearchSpace
@@ -49,6 +50,7 @@ class SearchConfig:
     lp_deterministic_time: float = 2.0  # GLOP budget for the LP-guided plan (0: skip)
     max_lp_options: int = 40_000  # larger LPs are not solved while planning
     pack_steps: int = 8  # bisection steps of the LP-guided packing's target makespan
+    start_slack: float = 0.25  # starts this far above the best start get no local search
 
     def scaled_to(self, timeout_s: Optional[float]) -> "SearchConfig":
         """Budgets that fit in `timeout_s` on a slow machine (about 1 deterministic unit and
@@ -134,6 +136,9 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
         stats["torchrec_replay"] = {"proposals": r.proposals, "complete": r.complete, "makespan": r.makespan} if r else None
         if r is not None:
             starts["torchrec"] = Assignment(r.option, r.ranks)
+    least_work = least_work_greedy(space, cands, cap)
+    if least_work is not None:
+        starts["least-work"] = least_work
     if not starts:
         packed = memory_greedy(space, cands, cap)
         if packed is not None:
@@ -164,6 +169,8 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
     for name, a in starts.items():
         if best is not None and not in_time():
             break
+        if start_makespans[name] > (1 + config.start_slack) * min(start_makespans.values()):
+            continue  # far behind another start: local search would not close the distance
         improved, loads = local_search(space, cands, a, cap, config.local_search_steps)
         candidates[name] = improved
         if best is None or float(loads.max()) < best[0]:
