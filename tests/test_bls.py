@@ -51,15 +51,17 @@ def _pipeline_vs_sync(rank, world, kinds, lags):
 
     planner, plan, model, sharders, batches, expected = _sharded(rank, world, kinds)
     planner.inference_comm = BLSConfig(lag=lags[-1], timeout_s=30)
-    equal = {}
+    equal, channels = {}, set()
     for lag in lags:
         source = planner if lag == lags[-1] else plan  # the last lag comes from the planner's BLSConfig
         pipeline = wire_bls(model(), source, lag=None if lag == lags[-1] else lag, sharders=sharders)
         with torch.no_grad():
             got = list(pipeline.run(batches))
         equal[lag] = len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+        if lag:
+            channels |= {os.path.basename(name).split(":")[0] for name in pipeline.group.lag_stats()}
         pipeline.group.shutdown()
-    return equal
+    return equal, channels
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,11 @@ def test_pipeline_outputs_equal_synchronous_bitwise(world, kinds):
     results = run_ranks(_pipeline_vs_sync, world, args=(kinds, [0, 1, 2, 4]), timeout_s=300)
     for rank, (status, value) in sorted(results.items()):
         assert status == "ok", f"rank {rank}: {value}"
-        assert value == {0: True, 1: True, 2: True, 4: True}, f"rank {rank}: {value}"
+        equal, channels = value
+        assert equal == {0: True, 1: True, 2: True, 4: True}, f"rank {rank}: {equal}"
+        # Ids go out in one self-sized message per peer (kjt.py), pooled embeddings come back
+        # (comm_ops.py; row-wise: a reduce-scatter on gloo): no split sizes exchanged first (dist_data.py).
+        assert "kjt.py" in channels and channels <= {"kjt.py", "comm_ops.py"}, f"rank {rank}: all-to-alls from {channels}"
 
 
 def _stalled_collective(rank, world, lags, stall_at, stall_s):
@@ -306,3 +312,62 @@ def test_post_reads_any_cpu_tensor_as_its_bytes_and_checks_split_sizes():
         _offsets(None, rows, 40, 2, 0)
     with pytest.raises(ValueError, match="rank 0: split sizes must have 2 entries"):
         _offsets([5], rows, 40, 2, 0)
+
+
+class _CapturingGroup:
+    """Stands in for a BLS group: `post_blocks` keeps the blocks; the test delivers them."""
+
+    def __init__(self, rank, world):
+        self._rank, self._world, self.sent = rank, world, None
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._world
+
+    def post_blocks(self, blocks):
+        from types import SimpleNamespace
+
+        self.sent = [bytes(b) for b in blocks]
+        return SimpleNamespace(iteration=7, channel=SimpleNamespace(name="ids"), output=None, wait=lambda: True)
+
+
+def _self_sized_exchange(tamper=None):
+    """Ranks 0 and 1 (batch sizes 2 and 3) send keys a, b to rank 0 and c to rank 1; rank 0's KJT."""
+    import torch
+    from torchrec.distributed.dist_data import KJTAllToAll
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from fastplan.comm.bls.kjt import SelfSizedKJTAllToAll
+
+    kjts = [
+        KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.arange(9) + 100 * r, torch.tensor(lengths))
+        for r, lengths in enumerate([[1, 2, 0, 3, 1, 2], [2, 0, 1, 1, 2, 0, 1, 1, 1]])
+    ]
+    groups = [_CapturingGroup(r, 2) for r in range(2)]
+    pending = [SelfSizedKJTAllToAll(KJTAllToAll(g, [2, 1]), g)(kjt) for g, kjt in zip(groups, kjts)]
+    received = [bytearray(g.sent[0]) for g in groups]
+    if tamper:
+        tamper(received[1])
+    pending[0].work.output = [memoryview(bytes(b)) for b in received]
+    return kjts, pending[0].wait().wait()
+
+
+def test_self_sized_input_dist_rebuilds_the_features_torchrec_would_and_names_a_malformed_peer():
+    import struct
+
+    import torch
+
+    from fastplan.comm import BLSError
+
+    kjts, got = _self_sized_exchange()
+    assert got.keys() == ["a", "b"] and got.stride() == 5  # both ranks' samples, rank 0's first
+    for key in ("a", "b"):
+        want = [jt for kjt in kjts for jt in kjt.to_dict()[key].to_dense()]
+        assert all(torch.equal(x, y) for x, y in zip(got.to_dict()[key].to_dense(), want)) and len(want) == 5, key
+    with pytest.raises(BLSError, match="rank 0: peer rank 1 sent a malformed block for iteration 7 of channel ids"):
+        _self_sized_exchange(lambda block: block.pop())  # a byte short
+    # Rank 1's block to rank 0: header (batch 3, 6 lengths, 6 values), lengths 2 0 1 1 2 0, values.
+    with pytest.raises(BLSError, match="peer rank 1 .*lengths add up to 7 .* it sent 6 values"):
+        _self_sized_exchange(lambda block: block.__setitem__(slice(24, 32), struct.pack("<q", 3)))

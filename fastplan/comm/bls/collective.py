@@ -240,6 +240,23 @@ class BLSProcessGroup(dist.ProcessGroup):
             raise ValueError(f"rank {me}: the bls backend needs a contiguous CPU output tensor without grad")
         out_off = _offsets(output_split_sizes, output, dst.nbytes, size, me)
         in_off = _offsets(input_split_sizes, input, src.nbytes, size, me)
+        dst[out_off[me] : out_off[me + 1]] = src[in_off[me] : in_off[me + 1]]
+        blocks = [src[in_off[p] : in_off[p + 1]] for p in range(size)]
+        slots = [dst[out_off[p] : out_off[p + 1]] for p in range(size)]
+        return self._post(channel, blocks, slots, output)
+
+    def post_blocks(self, blocks: Sequence, channel: Optional[str] = None) -> BLSWork:
+        """Like `post`, but `blocks[p]` (bytes) goes to rank p as it is and a peer's block is taken at
+        whatever size it arrives: `work.output[p]` is rank p's block once the work is complete (a
+        read-only view; `work.output[rank]` is this rank's own). For messages that carry their own size."""
+        received: List = [None] * self._size
+        received[self._rank] = memoryview(blocks[self._rank])
+        return self._post(channel, blocks, [received] * self._size, received)
+
+    def _post(self, channel: Optional[str], blocks: Sequence, slots: Sequence, output) -> BLSWork:
+        """Send blocks[p] to every peer p; slots[p] receives p's block (a byte view to fill, or the
+        list that gets it at index p)."""
+        me = self._rank
         with self._lock:
             ch = self._channel(channel or self._channel_key())
             iteration = ch.posted + 1
@@ -252,17 +269,16 @@ class BLSProcessGroup(dist.ProcessGroup):
             held = batch_id is not None
             sends = []
             for p in self.peers:
-                ch.slots[(p, iteration)] = dst[out_off[p] : out_off[p + 1]]
+                ch.slots[(p, iteration)] = slots[p]
                 early = ch.early.pop((p, iteration), None)
                 if early is not None:
                     self._place(ch, early)
                 try:
-                    tracker = self._mesh.send(p, ch.tag, iteration, src[in_off[p] : in_off[p + 1]], hold=held)
+                    tracker = self._mesh.send(p, ch.tag, iteration, blocks[p], hold=held)
                 except zmq.ZMQError as e:
                     raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from e
                 if tracker is not None:
                     sends.append((p, tracker))
-            dst[out_off[me] : out_off[me + 1]] = src[in_off[me] : in_off[me + 1]]
             ch.posts += 1
             work = BLSWork(self, ch, iteration, output, sends)
             if held:
@@ -317,12 +333,15 @@ class BLSProcessGroup(dist.ProcessGroup):
 
     def _place(self, ch: _Channel, msg: Message) -> None:
         target = ch.slots.pop((msg.peer, msg.seq))
-        if msg.payload.nbytes != target.nbytes:
+        if isinstance(target, list):  # a self-sized block (post_blocks): kept as it arrived
+            target[msg.peer] = msg.payload
+        elif msg.payload.nbytes != target.nbytes:
             raise BLSError(
                 f"rank {self._rank}: peer rank {msg.peer} sent {msg.payload.nbytes} bytes for iteration {msg.seq} of "
                 f"channel {ch.name}, expected {target.nbytes} (do the ranks agree on the split sizes?)"
             )
-        target[:] = msg.payload
+        else:
+            target[:] = msg.payload
         left = ch.owed[msg.seq] - 1
         if left:
             ch.owed[msg.seq] = left

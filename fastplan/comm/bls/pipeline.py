@@ -1,10 +1,12 @@
 """`BLSInferencePipeline`: sharded inference driven by data arrival, at most `lag` batches ahead of a peer.
 
-Each batch goes through TorchRec's stages: input dist (ids out), the ids' second all-to-all
-(lengths/values), lookup + output dist (pooled embeddings back), dense part. A stage starts as soon
-as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`); stages run in
-batch order, so outputs come out in order and bit-identical to the synchronous forward. Each step
-takes, in this order: the oldest batch whose splits arrived (its ids go out); else the next batch,
+Each batch goes through TorchRec's stages: input dist (ids out: lengths and values in one
+self-sized message per peer, `kjt.py`, where TorchRec's own `KJTAllToAll` first exchanges split
+sizes and then the ids), lookup + output dist (pooled embeddings back), dense part. A stage starts
+as soon as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`); stages
+run in batch order, so outputs come out in order and bit-identical to the synchronous forward. Each
+step takes, in this order: the oldest batch whose ids arrived (or, for a KJT that still goes through
+TorchRec's two all-to-alls, its split sizes: its ids go out); else the next batch,
 if the lag bound allows (every peer's blocks of that stage of batch b - L - 1 arrived), fewer than
 `max_in_flight` are held and the source has one (it may yield `NotYet`); else the oldest batch
 whose pooled embeddings arrived (dense part) or whose ids arrived (lookup, embeddings go out).
@@ -27,8 +29,12 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from fastplan.comm.bls.kjt import self_sized_input_dist
+
 Batch = Tuple[Any, KeyedJaggedTensor]  # (dense input, sparse features)
-_INPUT, _FEATURES, _POOLED = 0, 1, 2  # what a batch waits for: splits, ids, pooled embeddings
+# What a batch waits for: its input dist's first all-to-all (the self-sized ids; TorchRec's: split
+# sizes), its second (none when self-sized; TorchRec's: the ids), its pooled embeddings.
+_INPUT, _FEATURES, _POOLED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ class BLSInferencePipeline:
         self.lag = lag
         self.group = group
         self.max_in_flight = max_in_flight or 3 * lag + 1
+        if lag:
+            self_sized_input_dist(sparse, group)  # ids go out in one message per peer, no split sizes first
 
     def run(self, batches: Iterable[Batch]) -> Iterator[Any]:
         """Yield the output of every batch, in order."""
