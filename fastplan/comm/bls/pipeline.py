@@ -118,8 +118,10 @@ class BLSInferencePipeline:
             item = item or self._first_at(flight, _POOLED, posted) or self._first_at(flight, _FEATURES, posted)
             if item is not None:
                 idle_since = None
-                if item.stage != _INPUT:
-                    self.group.flush()  # what the communication steps posted leaves before the compute
+                if item.stage == _FEATURES:
+                    # What the steps since the last lookup posted leaves before this one: peers wait for it.
+                    # Not before the (short) dense part: each flush costs a wake-up of both I/O threads.
+                    self.group.flush()
                 output = self._step(flight, item, posted)
                 if output is not None:
                     yield output
