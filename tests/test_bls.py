@@ -173,6 +173,47 @@ def test_pipeline_with_a_stalled_peer_starts_exactly_lag_batches_ahead_and_stays
     assert sum(t < resumed for t in done_at) == stall_at, f"rank 2 finished {sum(t < resumed for t in done_at)} batches"
 
 
+def _one_slow_lookup(rank, world, lag, slow_at, slow_s):
+    """The last rank's lookup of batch `slow_at` takes `slow_s`; every rank notes when each lookup starts."""
+    import torch
+
+    from benchmarks.bls import inject_lookup_work
+    from fastplan.comm import wire_bls
+
+    _, plan, model, sharders, batches, expected = _sharded(rank, world, ["table_wise"], num_batches=slow_at + 3 * lag + 3)
+    pipeline = wire_bls(model(), plan, lag=lag, sharders=sharders)
+    lookups, slow = [], []
+
+    def delay_ms(b):
+        lookups.append((b, time.monotonic()))
+        if rank == world - 1 and b == slow_at:
+            slow.append((time.monotonic(), time.monotonic() + slow_s))
+            return slow_s * 1000
+        return 0.0
+
+    inject_lookup_work(pipeline.sparse, delay_ms)
+    with torch.no_grad():
+        got = list(pipeline.run(batches))
+    ahead = max(s["max_ahead"] for s in pipeline.group.lag_stats().values())
+    pipeline.group.shutdown()
+    return lookups, slow, ahead, len(got) == len(batches) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_while_a_peer_is_in_a_slow_lookup_a_rank_looks_up_batches_past_the_lag_and_sends_them_within_it():
+    world, lag, slow_at = 2, 2, 2
+    results = run_ranks(_one_slow_lookup, world, args=(lag, slow_at, 0.5), timeout_s=240)
+    for rank, (status, value) in results.items():
+        assert status == "ok", f"rank {rank}: {value}"
+        lookups, _, ahead, equal = value
+        assert equal, f"rank {rank}: outputs differ from the synchronous forward"
+        assert ahead <= lag + 1, f"rank {rank}: a peer's block arrived {ahead} iterations ahead"  # messages keep the bound
+    (start, end), = results[world - 1][1][1]
+    during = [b for b, t in results[0][1][0] if start < t < end]
+    # Rank 0 may not send batch slow_at + lag + 1's embeddings before the slow rank's of slow_at arrived,
+    # but it computes them (and holds them back): its lookups run past the lag while the peer is slow.
+    assert during and max(during) > slow_at + lag, f"rank 0 looked up batches {during} during the slow lookup"
+
+
 def _rotating_slow_lookups(rank, world, lag, batches_n, slow_s):
     import torch
 
