@@ -51,15 +51,17 @@ def _pipeline_vs_sync(rank, world, kinds, lags):
 
     planner, plan, model, sharders, batches, expected = _sharded(rank, world, kinds)
     planner.inference_comm = BLSConfig(lag=lags[-1], timeout_s=30)
-    equal = {}
+    equal, channels = {}, set()
     for lag in lags:
         source = planner if lag == lags[-1] else plan  # the last lag comes from the planner's BLSConfig
         pipeline = wire_bls(model(), source, lag=None if lag == lags[-1] else lag, sharders=sharders)
         with torch.no_grad():
             got = list(pipeline.run(batches))
         equal[lag] = len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+        if lag:
+            channels |= {os.path.basename(name).split(":")[0] for name in pipeline.group.lag_stats()}
         pipeline.group.shutdown()
-    return equal
+    return equal, channels
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,11 @@ def test_pipeline_outputs_equal_synchronous_bitwise(world, kinds):
     results = run_ranks(_pipeline_vs_sync, world, args=(kinds, [0, 1, 2, 4]), timeout_s=300)
     for rank, (status, value) in sorted(results.items()):
         assert status == "ok", f"rank {rank}: {value}"
-        assert value == {0: True, 1: True, 2: True, 4: True}, f"rank {rank}: {value}"
+        equal, channels = value
+        assert equal == {0: True, 1: True, 2: True, 4: True}, f"rank {rank}: {equal}"
+        # Ids go out in one self-sized message per peer (kjt.py), pooled embeddings come back
+        # (comm_ops.py; row-wise: a reduce-scatter on gloo): no split sizes exchanged first (dist_data.py).
+        assert "kjt.py" in channels and channels <= {"kjt.py", "comm_ops.py"}, f"rank {rank}: all-to-alls from {channels}"
 
 
 def _stalled_collective(rank, world, lags, stall_at, stall_s):
@@ -165,6 +171,47 @@ def test_pipeline_with_a_stalled_peer_starts_exactly_lag_batches_ahead_and_stays
         assert started - 1 == stall_at + lag, f"rank {rank} started batches 0..{started - 1} while rank 2 was stalled"
     # While its source had nothing (NotYet), the stalled rank finished every batch it held.
     assert sum(t < resumed for t in done_at) == stall_at, f"rank 2 finished {sum(t < resumed for t in done_at)} batches"
+
+
+def _one_slow_lookup(rank, world, lag, slow_at, slow_s):
+    """The last rank's lookup of batch `slow_at` takes `slow_s`; every rank notes when each lookup starts."""
+    import torch
+
+    from benchmarks.bls import inject_lookup_work
+    from fastplan.comm import wire_bls
+
+    _, plan, model, sharders, batches, expected = _sharded(rank, world, ["table_wise"], num_batches=slow_at + 3 * lag + 3)
+    pipeline = wire_bls(model(), plan, lag=lag, sharders=sharders)
+    lookups, slow = [], []
+
+    def delay_ms(b):
+        lookups.append((b, time.monotonic()))
+        if rank == world - 1 and b == slow_at:
+            slow.append((time.monotonic(), time.monotonic() + slow_s))
+            return slow_s * 1000
+        return 0.0
+
+    inject_lookup_work(pipeline.sparse, delay_ms)
+    with torch.no_grad():
+        got = list(pipeline.run(batches))
+    ahead = max(s["max_ahead"] for s in pipeline.group.lag_stats().values())
+    pipeline.group.shutdown()
+    return lookups, slow, ahead, len(got) == len(batches) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_while_a_peer_is_in_a_slow_lookup_a_rank_looks_up_batches_past_the_lag_and_sends_them_within_it():
+    world, lag, slow_at = 2, 2, 2
+    results = run_ranks(_one_slow_lookup, world, args=(lag, slow_at, 0.5), timeout_s=240)
+    for rank, (status, value) in results.items():
+        assert status == "ok", f"rank {rank}: {value}"
+        lookups, _, ahead, equal = value
+        assert equal, f"rank {rank}: outputs differ from the synchronous forward"
+        assert ahead <= lag + 1, f"rank {rank}: a peer's block arrived {ahead} iterations ahead"  # messages keep the bound
+    (start, end), = results[world - 1][1][1]
+    during = [b for b, t in results[0][1][0] if start < t < end]
+    # Rank 0 may not send batch slow_at + lag + 1's embeddings before the slow rank's of slow_at arrived,
+    # but it computes them (and holds them back): its lookups run past the lag while the peer is slow.
+    assert during and max(during) > slow_at + lag, f"rank 0 looked up batches {during} during the slow lookup"
 
 
 def _rotating_slow_lookups(rank, world, lag, batches_n, slow_s):
@@ -306,3 +353,62 @@ def test_post_reads_any_cpu_tensor_as_its_bytes_and_checks_split_sizes():
         _offsets(None, rows, 40, 2, 0)
     with pytest.raises(ValueError, match="rank 0: split sizes must have 2 entries"):
         _offsets([5], rows, 40, 2, 0)
+
+
+class _CapturingGroup:
+    """Stands in for a BLS group: `post_blocks` keeps the blocks; the test delivers them."""
+
+    def __init__(self, rank, world):
+        self._rank, self._world, self.sent = rank, world, None
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._world
+
+    def post_blocks(self, blocks):
+        from types import SimpleNamespace
+
+        self.sent = [bytes(b) for b in blocks]
+        return SimpleNamespace(iteration=7, channel=SimpleNamespace(name="ids"), output=None, wait=lambda: True)
+
+
+def _self_sized_exchange(tamper=None):
+    """Ranks 0 and 1 (batch sizes 2 and 3) send keys a, b to rank 0 and c to rank 1; rank 0's KJT."""
+    import torch
+    from torchrec.distributed.dist_data import KJTAllToAll
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from fastplan.comm.bls.kjt import SelfSizedKJTAllToAll
+
+    kjts = [
+        KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.arange(9) + 100 * r, torch.tensor(lengths))
+        for r, lengths in enumerate([[1, 2, 0, 3, 1, 2], [2, 0, 1, 1, 2, 0, 1, 1, 1]])
+    ]
+    groups = [_CapturingGroup(r, 2) for r in range(2)]
+    pending = [SelfSizedKJTAllToAll(KJTAllToAll(g, [2, 1]), g)(kjt) for g, kjt in zip(groups, kjts)]
+    received = [bytearray(g.sent[0]) for g in groups]
+    if tamper:
+        tamper(received[1])
+    pending[0].work.output = [memoryview(bytes(b)) for b in received]
+    return kjts, pending[0].wait().wait()
+
+
+def test_self_sized_input_dist_rebuilds_the_features_torchrec_would_and_names_a_malformed_peer():
+    import struct
+
+    import torch
+
+    from fastplan.comm import BLSError
+
+    kjts, got = _self_sized_exchange()
+    assert got.keys() == ["a", "b"] and got.stride() == 5  # both ranks' samples, rank 0's first
+    for key in ("a", "b"):
+        want = [jt for kjt in kjts for jt in kjt.to_dict()[key].to_dense()]
+        assert all(torch.equal(x, y) for x, y in zip(got.to_dict()[key].to_dense(), want)) and len(want) == 5, key
+    with pytest.raises(BLSError, match="rank 0: peer rank 1 sent a malformed block for iteration 7 of channel ids"):
+        _self_sized_exchange(lambda block: block.pop())  # a byte short
+    # Rank 1's block to rank 0: header (batch 3, 6 lengths, 6 values), lengths 2 0 1 1 2 0, values.
+    with pytest.raises(BLSError, match="peer rank 1 .*lengths add up to 7 .* it sent 6 values"):
+        _self_sized_exchange(lambda block: block.__setitem__(slice(24, 32), struct.pack("<q", 3)))

@@ -8,10 +8,11 @@ sent i - L - 1 (post(i - 1) returned), "post(i) returned" implies every rank pos
 most L + 1 iterations are in flight per channel, and a peer's block can arrive at most L + 1
 iterations ahead of this rank's posts (further ahead is a protocol error naming the peer). Lag 0
 is the synchronous all-to-all (served by the inner gloo group's `all_to_all_single`); every other
-collective goes to that gloo group too. Inside `batch(b)` (the pipeline) `post` returns as soon as
-it sent: the pipeline enforces the bound itself, by starting a stage only when it may; and blocks
-under 64 KiB are held until `flush()` (or until this rank waits for anything), so the all-to-alls of
-consecutive pipeline steps reach each peer as one message.
+collective goes to that gloo group too. Inside `batch(b)` (the pipeline) `post` never waits: blocks
+the bound does not allow yet are held back (copied) and leave, in order, as soon as every peer's
+block of i - L - 1 has arrived, so the rank computes ahead while its messages keep the bound; and
+blocks under 64 KiB are held until `flush()` (or until this rank waits for anything), so the
+all-to-alls of consecutive pipeline steps reach each peer as one message.
 
 Blocks travel over `fastplan.comm.transport.Mesh` (ZeroMQ): libzmq's I/O thread moves bytes while
 Python computes; an arriving block is copied straight into the output tensor of its post, or held
@@ -66,6 +67,7 @@ class _Channel:
         self.slots: Dict[Tuple[int, int], np.ndarray] = {}  # (peer, iteration) -> destination bytes
         self.owed: Dict[int, int] = {}  # iteration -> blocks not yet arrived
         self.early: Dict[Tuple[int, int], Message] = {}  # blocks that arrived before this rank posted
+        self.deferred: Dict[int, List[Tuple[int, bytes]]] = {}  # iteration -> (peer, block) the bound holds back
         self.posts = 0
         self.max_ahead = 0  # most iterations a peer's block arrived beyond this rank's last post
 
@@ -166,6 +168,7 @@ class BLSProcessGroup(dist.ProcessGroup):
         self._batch = threading.local()
         self._occurrences: Dict[int, Dict[Tuple[str, int], int]] = {}
         self._works: Dict[int, List[BLSWork]] = {}  # batch -> works posted under `batch(b)`, not yet taken
+        self._released = False  # blocks held back by the bound were queued since the last progress()
 
     # ---- batch tagging (used by BLSInferencePipeline) --------------------------------------------
     def batch(self, batch_id: int) -> "_BatchScope":
@@ -240,36 +243,72 @@ class BLSProcessGroup(dist.ProcessGroup):
             raise ValueError(f"rank {me}: the bls backend needs a contiguous CPU output tensor without grad")
         out_off = _offsets(output_split_sizes, output, dst.nbytes, size, me)
         in_off = _offsets(input_split_sizes, input, src.nbytes, size, me)
+        dst[out_off[me] : out_off[me + 1]] = src[in_off[me] : in_off[me + 1]]
+        blocks = [src[in_off[p] : in_off[p + 1]] for p in range(size)]
+        slots = [dst[out_off[p] : out_off[p + 1]] for p in range(size)]
+        return self._post(channel, blocks, slots, output)
+
+    def post_blocks(self, blocks: Sequence, channel: Optional[str] = None) -> BLSWork:
+        """Like `post`, but `blocks[p]` (bytes) goes to rank p as it is and a peer's block is taken at
+        whatever size it arrives: `work.output[p]` is rank p's block once the work is complete (a
+        read-only view; `work.output[rank]` is this rank's own). For messages that carry their own size."""
+        received: List = [None] * self._size
+        received[self._rank] = memoryview(blocks[self._rank])
+        return self._post(channel, blocks, [received] * self._size, received)
+
+    def _post(self, channel: Optional[str], blocks: Sequence, slots: Sequence, output) -> BLSWork:
+        """Send blocks[p] to every peer p; slots[p] receives p's block (a byte view to fill, or the
+        list that gets it at index p)."""
         with self._lock:
             ch = self._channel(channel or self._channel_key())
             iteration = ch.posted + 1
-            if not ch.arrived(iteration - self.lag - 1):  # the bound (in a batch the pipeline already waited)
+            batch_id = getattr(self._batch, "id", None)
+            held = batch_id is not None
+            allowed = not ch.deferred and ch.arrived(iteration - self.lag - 1)
+            if not held and not allowed:  # the bound, outside a batch: the caller waits
                 self._wait_arrived(ch, iteration - self.lag - 1, self.timeout_s)
+                allowed = True
             ch.posted = iteration
             if self.peers:
                 ch.owed[iteration] = len(self.peers)
-            batch_id = getattr(self._batch, "id", None)
-            held = batch_id is not None
-            sends = []
+            sends, deferred = [], []
             for p in self.peers:
-                ch.slots[(p, iteration)] = dst[out_off[p] : out_off[p + 1]]
+                ch.slots[(p, iteration)] = slots[p]
                 early = ch.early.pop((p, iteration), None)
                 if early is not None:
                     self._place(ch, early)
-                try:
-                    tracker = self._mesh.send(p, ch.tag, iteration, src[in_off[p] : in_off[p + 1]], hold=held)
-                except zmq.ZMQError as e:
-                    raise BLSError(f"rank {me}: cannot send iteration {iteration} of channel {ch.name} to peer rank {p}: {e}") from e
+                if not allowed:  # copied: the caller may reuse its input once the work completes
+                    deferred.append((p, bytes(blocks[p])))
+                    continue
+                tracker = self._send(ch, p, iteration, blocks[p], held)
                 if tracker is not None:
                     sends.append((p, tracker))
-            dst[out_off[me] : out_off[me + 1]] = src[in_off[me] : in_off[me + 1]]
             ch.posts += 1
             work = BLSWork(self, ch, iteration, output, sends)
+            if deferred:
+                ch.deferred[iteration] = deferred
+                self._release(ch)  # an early block placed above may have met the bound already
             if held:
                 self._works.setdefault(batch_id, []).append(work)
             else:
                 self._wait_arrived(ch, iteration - self.lag, self.timeout_s)
             return work
+
+    def _send(self, ch: _Channel, peer: int, iteration: int, block, hold: bool) -> Optional[zmq.MessageTracker]:
+        try:
+            return self._mesh.send(peer, ch.tag, iteration, block, hold=hold)
+        except zmq.ZMQError as e:
+            raise BLSError(f"rank {self._rank}: cannot send iteration {iteration} of channel {ch.name} to peer rank {peer}: {e}") from e
+
+    def _release(self, ch: _Channel) -> None:
+        """Send, in order, the held-back iterations whose bound is met (every peer's i - lag - 1 arrived)."""
+        while ch.deferred:
+            iteration = next(iter(ch.deferred))
+            if not ch.arrived(iteration - self.lag - 1):
+                return
+            for peer, block in ch.deferred.pop(iteration):
+                self._send(ch, peer, iteration, block, True)
+            self._released = True
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         if self.lag == 0:
@@ -298,6 +337,9 @@ class BLSProcessGroup(dist.ProcessGroup):
                     self._unclaimed.setdefault(msg.tag, []).append(msg)
                 else:
                     self._deliver(ch, msg)
+            if self._released:  # blocks the bound held back leave now, not at the next flush
+                self._released = False
+                self._mesh.flush()
             if not messages and timeout_s > 0:
                 self._check_lost()
             return bool(messages)
@@ -317,17 +359,22 @@ class BLSProcessGroup(dist.ProcessGroup):
 
     def _place(self, ch: _Channel, msg: Message) -> None:
         target = ch.slots.pop((msg.peer, msg.seq))
-        if msg.payload.nbytes != target.nbytes:
+        if isinstance(target, list):  # a self-sized block (post_blocks): kept as it arrived
+            target[msg.peer] = msg.payload
+        elif msg.payload.nbytes != target.nbytes:
             raise BLSError(
                 f"rank {self._rank}: peer rank {msg.peer} sent {msg.payload.nbytes} bytes for iteration {msg.seq} of "
                 f"channel {ch.name}, expected {target.nbytes} (do the ranks agree on the split sizes?)"
             )
-        target[:] = msg.payload
+        else:
+            target[:] = msg.payload
         left = ch.owed[msg.seq] - 1
         if left:
             ch.owed[msg.seq] = left
         else:
             del ch.owed[msg.seq]
+            if ch.deferred:
+                self._release(ch)
 
     def _check_lost(self) -> None:
         lost = self._mesh.lost()

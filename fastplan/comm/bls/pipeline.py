@@ -1,10 +1,12 @@
 """`BLSInferencePipeline`: sharded inference driven by data arrival, at most `lag` batches ahead of a peer.
 
-Each batch goes through TorchRec's stages: input dist (ids out), the ids' second all-to-all
-(lengths/values), lookup + output dist (pooled embeddings back), dense part. A stage starts as soon
-as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`); stages run in
-batch order, so outputs come out in order and bit-identical to the synchronous forward. Each step
-takes, in this order: the oldest batch whose splits arrived (its ids go out); else the next batch,
+Each batch goes through TorchRec's stages: input dist (ids out: lengths and values in one
+self-sized message per peer, `kjt.py`, where TorchRec's own `KJTAllToAll` first exchanges split
+sizes and then the ids), lookup + output dist (pooled embeddings back), dense part. A stage starts
+as soon as the all-to-alls it consumes have arrived from every peer (`BLSWork.arrived()`); stages
+run in batch order, so outputs come out in order and bit-identical to the synchronous forward. Each
+step takes, in this order: the oldest batch whose ids arrived (or, for a KJT that still goes through
+TorchRec's two all-to-alls, its split sizes: its ids go out); else the next batch,
 if the lag bound allows (every peer's blocks of that stage of batch b - L - 1 arrived), fewer than
 `max_in_flight` are held and the source has one (it may yield `NotYet`); else the oldest batch
 whose pooled embeddings arrived (dense part) or whose ids arrived (lookup, embeddings go out).
@@ -27,8 +29,12 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from fastplan.comm.bls.kjt import self_sized_input_dist
+
 Batch = Tuple[Any, KeyedJaggedTensor]  # (dense input, sparse features)
-_INPUT, _FEATURES, _POOLED = 0, 1, 2  # what a batch waits for: splits, ids, pooled embeddings
+# What a batch waits for: its input dist's first all-to-all (the self-sized ids; TorchRec's: split
+# sizes), its second (none when self-sized; TorchRec's: the ids), its pooled embeddings.
+_INPUT, _FEATURES, _POOLED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ class BLSInferencePipeline:
         self.lag = lag
         self.group = group
         self.max_in_flight = max_in_flight or 3 * lag + 1
+        if lag:
+            self_sized_input_dist(sparse, group)  # ids go out in one message per peer, no split sizes first
 
     def run(self, batches: Iterable[Batch]) -> Iterator[Any]:
         """Yield the output of every batch, in order."""
@@ -88,14 +96,14 @@ class BLSInferencePipeline:
             return
         source = iter(batches)
         flight: Deque[_InFlight] = deque()
-        posted: Dict[Tuple[int, int], List[Any]] = {}  # (stage, batch) -> its works, kept for the lag rule
+        posted: Dict[int, List[Any]] = {}  # batch -> its input dist's works, kept for the lag rule
         next_index, exhausted, idle_since, source_due = 0, False, None, 0.0
         while flight or not exhausted:
             self.group.progress(0)  # take in what arrived; the checks below only look
             # Communication first (it is cheap and peers wait for it), then the oldest batch's compute.
-            item = self._first_at(flight, _INPUT, posted)
+            item = self._first_at(flight, _INPUT)
             if item is None and not exhausted and len(flight) < self.max_in_flight \
-                    and time.monotonic() >= source_due and self._lag_allows(posted, _INPUT, next_index):
+                    and time.monotonic() >= source_due and self._lag_allows(posted, next_index):
                 batch = next(source, None)
                 if batch is None:
                     exhausted = True
@@ -107,11 +115,13 @@ class BLSInferencePipeline:
                     next_index += 1
                     idle_since = None
                     continue
-            item = item or self._first_at(flight, _POOLED, posted) or self._first_at(flight, _FEATURES, posted)
+            item = item or self._first_at(flight, _POOLED) or self._first_at(flight, _FEATURES)
             if item is not None:
                 idle_since = None
-                if item.stage != _INPUT:
-                    self.group.flush()  # what the communication steps posted leaves before the compute
+                if item.stage == _FEATURES:
+                    # What the steps since the last lookup posted leaves before this one: peers wait for it.
+                    # Not before the (short) dense part: each flush costs a wake-up of both I/O threads.
+                    self.group.flush()
                 output = self._step(flight, item, posted)
                 if output is not None:
                     yield output
@@ -127,11 +137,12 @@ class BLSInferencePipeline:
             self.group.progress(wait)
         self.group.flush()
 
-    def _first_at(self, flight: Deque[_InFlight], stage: int, posted) -> Optional[_InFlight]:
-        """The oldest batch waiting at `stage` if it can move on now (its data arrived, the lag allows)."""
+    def _first_at(self, flight: Deque[_InFlight], stage: int) -> Optional[_InFlight]:
+        """The oldest batch waiting at `stage` if its data arrived. (What it posts next may have to wait
+        for the lag bound: the group holds those blocks back, the rank computes on.)"""
         # Stages run in batch order: every batch ahead of the first one at `stage` is past it.
         item = next((i for i in flight if i.stage == stage), None)
-        if item is None or not all(w.arrived() for w in item.works) or not self._lag_allows(posted, stage + 1, item.index):
+        if item is None or not all(w.arrived() for w in item.works):
             return None
         return item
 
@@ -140,7 +151,7 @@ class BLSInferencePipeline:
         with self.group.batch(b):
             awaitable = self.sparse.input_dist(ctx, features)
         item = _InFlight(b, dense_in, ctx, _INPUT, awaitable, self.group.take_works(b))
-        posted[(_INPUT, b)] = item.works
+        posted[b] = item.works
         flight.append(item)
 
     def _step(self, flight: Deque[_InFlight], item: _InFlight, posted) -> Optional[Any]:
@@ -151,7 +162,7 @@ class BLSInferencePipeline:
             if item.stage == _POOLED:
                 flight.popleft()
                 self.group.end_batch(b)
-                for key in [k for k in posted if k[1] <= b - self.lag - 1]:
+                for key in [k for k in posted if k <= b - self.lag - 1]:
                     del posted[key]
                 return self.dense(item.dense_in, value)
             if item.stage == _INPUT:
@@ -159,13 +170,13 @@ class BLSInferencePipeline:
             else:
                 item.awaitable = self.sparse.compute_and_output_dist(item.ctx, value)
         item.stage += 1
-        item.works = posted[(item.stage, b)] = self.group.take_works(b)
+        item.works = self.group.take_works(b)
         return None
 
-    def _lag_allows(self, posted, stage: int, b: int) -> bool:
-        """Sending stage `stage` of batch b needs every peer's blocks of that stage of batch b - lag - 1:
-        a rank runs at most `lag` batches ahead of the one it waits for."""
-        works = posted.get((stage, b - self.lag - 1))
+    def _lag_allows(self, posted, b: int) -> bool:
+        """Starting batch b (its ids go out) needs every peer's ids of batch b - lag - 1: a rank takes
+        at most `lag` batches beyond the one it waits for."""
+        works = posted.get(b - self.lag - 1)
         return works is None or all(w.arrived() for w in works)
 
     def _raise_stalled(self, flight: Deque[_InFlight]) -> None:
