@@ -54,21 +54,9 @@ def least_work_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) ->
     """Each table its least-work option that fits (the next least where it does not), spread options
     first, then largest shard first onto the least-loaded ranks. With many tables per rank this is
     near the bound where `perf_greedy` trades work for a flat peak early on. None if a table fits nowhere."""
-    state = RankState(space, cap)
     least = np.array([o[0] if len(o) else -1 for o in cands.by_table])  # by_table is sorted by work
     order = np.lexsort((np.arange(len(least)), -cands.max_shard[least], space.opt_placement[least] != UNIFORM))
-    option = np.full(len(space.tables), -1, dtype=np.int64)
-    ranks: List[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(space.tables)
-    for t in order.tolist():
-        for o in cands.by_table[t].tolist():
-            placed = state.place(o)
-            if placed is not None:
-                state.add(o, placed[0])
-                option[t], ranks[t] = o, placed[0]
-                break
-        else:
-            return None
-    return Assignment(option, ranks)
+    return _first_that_fits(space, cap, order.tolist(), lambda t: cands.by_table[t].tolist())
 
 
 def memory_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
@@ -77,13 +65,24 @@ def memory_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Opt
     left to local search. None when even this packing fails."""
     footprint = cands.footprint(cap)
     smallest = np.array([footprint[o].min() if len(o) else 0.0 for o in cands.by_table])
+
+    def by_footprint(t: int) -> List[int]:
+        opts = cands.by_table[t]
+        return opts[np.lexsort((cands.work[opts], footprint[opts]))].tolist()
+
+    return _first_that_fits(space, cap, np.argsort(-smallest, kind="stable").tolist(), by_footprint, by_memory=True)
+
+
+def _first_that_fits(space: SearchSpace, cap: np.ndarray, tables: List[int], options_of, by_memory: bool = False
+                     ) -> Optional[Assignment]:
+    """Tables in the given order, each placed with the first of `options_of(table)` that fits; None
+    when one fits nowhere."""
     state = RankState(space, cap)
     option = np.full(len(space.tables), -1, dtype=np.int64)
     ranks: List[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(space.tables)
-    for t in np.argsort(-smallest, kind="stable").tolist():
-        opts = cands.by_table[t]
-        for o in opts[np.lexsort((cands.work[opts], footprint[opts]))].tolist():
-            placed = state.place(o, by_memory=True)
+    for t in tables:
+        for o in options_of(t):
+            placed = state.place(o, by_memory=by_memory)
             if placed is not None:
                 state.add(o, placed[0])
                 option[t], ranks[t] = o, placed[0]
