@@ -7,7 +7,7 @@ from typing import List
 
 import numpy as np
 
-from fastplan.planner.search_space import SearchSpace
+from fastplan.planner.search_space import UNIFORM, SearchSpace
 
 
 @dataclass
@@ -19,17 +19,31 @@ class Assignment:
         return Assignment(self.option.copy(), [r.copy() for r in self.ranks])
 
 
+SHARDS_AT_ONCE = 1 << 20  # shards expanded at a time, to bound memory at thousands of ranks
+
+
 def rank_loads(space: SearchSpace, a: Assignment) -> np.ndarray:
-    """Per rank the summed `Perf.total` of the assignment's shards."""
+    """Per rank the summed `Perf.total` of the assignment's shards, added in table then shard order:
+    the order every search stage adds them in, so the same plan always gives bit-equal loads."""
     loads = np.zeros(space.world_size)
-    for o, r in zip(a.option.tolist(), a.ranks):
-        np.add.at(loads, r, space.perf_of(o))
+    ends = np.cumsum(space.opt_count[a.option])
+    start = 0
+    while start < len(a.option):
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - space.opt_count[a.option[start]] + SHARDS_AT_ONCE, "right")))
+        runs = space._runs_of(a.option[start:stop])
+        np.add.at(loads, np.concatenate(a.ranks[start:stop]).astype(np.int64), np.repeat(space.run_total[runs], space.run_len[runs]))
+        start = stop
     return loads
 
 
 def rank_memory(space: SearchSpace, a: Assignment) -> np.ndarray:
-    """(world_size, 3) bytes per rank and tier (hbm, ddr, ssd) the assignment's shards take."""
-    used = np.zeros((space.world_size, 3), dtype=np.int64)
-    for o, r in zip(a.option.tolist(), a.ranks):
-        np.add.at(used, r, space.mem_of(o))
+    """(world_size, 3) bytes per rank and tier (hbm, ddr, ssd) the assignment's shards take. Options
+    with a shard on every rank (shard i on rank i) are added run by run, not shard by shard."""
+    full = (space.opt_placement[a.option] == UNIFORM) & (space.opt_count[a.option] == space.world_size)
+    used = space.uniform_sum(a.option[full], space.run_mem.astype(np.int64))
+    rest = np.flatnonzero(~full)
+    if len(rest):
+        runs = space._runs_of(a.option[rest])
+        np.add.at(used, np.concatenate([a.ranks[t] for t in rest.tolist()]).astype(np.int64),
+                  np.repeat(space.run_mem[runs], space.run_len[runs], axis=0))
     return used

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -12,10 +12,12 @@ from fastplan.planner.placement import RankState
 from fastplan.planner.search_space import UNIFORM, SearchSpace
 
 
-def perf_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
+def perf_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray, give_up_above: float = np.inf
+                ) -> Optional[Assignment]:
     """Largest tables first; each takes the option and ranks that keep the projected makespan
     (max of the highest rank and the average over ranks) lowest, then the least total work.
-    None when some table no longer fits (tight memory: see `memory_greedy`)."""
+    None when some table no longer fits (tight memory: see `memory_greedy`), or once the projection,
+    which only grows, passes `give_up_above`."""
     W = space.world_size
     state = RankState(space, cap)
     min_work = cands.min_work
@@ -40,7 +42,7 @@ def perf_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optio
             key = (max(new_max, (assigned + work[o] + remaining) / W), work[o], new_max)
             if best is None or key < best[0]:
                 best = (key, o, r)
-        if best is None:
+        if best is None or best[0][0] > give_up_above:
             return None
         _, o, r = best
         state.add(o, r)
@@ -50,13 +52,92 @@ def perf_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optio
     return Assignment(option, ranks)
 
 
+FILLS = (0.99, 0.95, 0.8)  # shares of every tier's total capacity the priced options may take, in turn
+
+
 def least_work_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
     """Each table its least-work option that fits (the next least where it does not), spread options
     first, then largest shard first onto the least-loaded ranks. With many tables per rank this is
     near the bound where `perf_greedy` trades work for a flat peak early on. None if a table fits nowhere."""
-    least = np.array([o[0] if len(o) else -1 for o in cands.by_table])  # by_table is sorted by work
-    order = np.lexsort((np.arange(len(least)), -cands.max_shard[least], space.opt_placement[least] != UNIFORM))
-    return _first_that_fits(space, cap, order.tolist(), lambda t: cands.by_table[t].tolist())
+    if any(len(o) == 0 for o in cands.by_table):
+        return None
+    return _cheapest_first(space, cands, cap, _PricedOptions(cands, cap), 0.0)
+
+
+def priced_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
+    """For memory too small for every table's least-work option: `least_work_greedy` with options
+    priced by work + λ x footprint, λ the least that brings the options chosen under `FILLS` of every
+    tier's total capacity (the next share when packing fails). None when the least-work options fit,
+    or no share packs."""
+    if any(len(o) == 0 for o in cands.by_table):
+        return None
+    priced = _PricedOptions(cands, cap)
+    if not priced.overfull(0.0, 1.0):
+        return None
+    tried = set()
+    for fill in FILLS:
+        price = priced.price_to_fit(fill)
+        if price is None or price in tried:
+            continue
+        tried.add(price)
+        a = _cheapest_first(space, cands, cap, priced, price)
+        if a is not None:
+            return a
+    return None
+
+
+def _cheapest_first(space: SearchSpace, cands: Candidates, cap: np.ndarray, priced: "_PricedOptions", price: float
+                    ) -> Optional[Assignment]:
+    """Each table its cheapest option at `price` that fits, spread options first, then largest shard first."""
+    cost, cheapest = priced.choose(price)
+    chosen = priced.options[cheapest]
+    order = np.lexsort((np.arange(len(chosen)), -cands.max_shard[chosen], space.opt_placement[chosen] != UNIFORM))
+    return _first_that_fits(space, cap, order.tolist(), lambda t: priced.ranked(t, cost))
+
+
+class _PricedOptions:
+    """Every table's candidate options in one flat array, to choose per table by work + price x footprint."""
+
+    def __init__(self, cands: Candidates, cap: np.ndarray) -> None:
+        self.counts = np.array([len(o) for o in cands.by_table], dtype=np.int64)
+        self.options = np.concatenate(cands.by_table) if len(self.counts) else np.zeros(0, np.int64)
+        self.table = np.repeat(np.arange(len(self.counts)), self.counts)
+        self.first = np.cumsum(self.counts) - self.counts
+        self.work = cands.work[self.options]
+        self.mem = cands.option_mem()[self.options]
+        self.total = cap.sum(0)
+        self.footprint = cands.footprint(cap)[self.options]
+
+    def choose(self, price: float) -> Tuple[np.ndarray, np.ndarray]:
+        """(priced cost of every flat option, the flat index of each table's cheapest: lowest work,
+        then option index, on ties; by_table lists are sorted that way)."""
+        cost = self.work + price * self.footprint
+        at_min = np.flatnonzero(cost == np.minimum.reduceat(cost, self.first)[self.table])
+        return cost, at_min[np.flatnonzero(np.diff(self.table[at_min], prepend=-1))]
+
+    def overfull(self, price: float, fill: float) -> bool:
+        return bool((self.mem[self.choose(price)[1]].sum(0) > fill * self.total).any())
+
+    def price_to_fit(self, fill: float) -> Optional[float]:
+        """The least price (to 1e-6 relative) whose choice fits in `fill` of every tier; 0 when the
+        least-work options do; None when even the smallest-footprint ones do not."""
+        if not self.overfull(0.0, fill):
+            return 0.0
+        hi = 1.0
+        while self.overfull(hi, fill):
+            hi *= 2
+            if hi > 1e30:
+                return None
+        lo = 0.0
+        while hi - lo > 1e-6 * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.overfull(mid, fill) else (lo, mid)
+        return hi
+
+    def ranked(self, table: int, cost: np.ndarray) -> List[int]:
+        """The table's options by priced cost, then work, then index."""
+        span = slice(int(self.first[table]), int(self.first[table] + self.counts[table]))
+        return self.options[span][np.lexsort((self.work[span], cost[span]))].tolist()
 
 
 def memory_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:

@@ -21,6 +21,7 @@ from fastplan.planner.search_space import DEVICE, HOST_DEVICE, UNIFORM, SearchSp
 REINSERT_TABLES = 8  # tables on the busiest rank re-placed when no move or swap helps
 SWAP_PAIRS = 100_000  # swaps scored per step at most (beyond: partners from the least-loaded ranks)
 SWAP_SHORTLIST = 64  # best-scored swaps whose memory is checked first
+GATHER_CELLS = 1 << 20  # tables x ranks scored at once when gathering spread tables
 
 
 def score(loads: np.ndarray) -> Tuple[float, int]:
@@ -63,9 +64,7 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
     W = space.world_size
     kind = cands.placement
     a = a.copy()
-    st = RankState(space, cap)
-    for o, r in zip(a.option.tolist(), a.ranks):
-        st.add(o, r)
+    st = RankState.holding(space, cap, a)
     loads, free = st.loads, st.free
     best_single = np.full(len(space.tables), -1)
     for t, opts in enumerate(cands.by_table):
@@ -107,8 +106,9 @@ def local_search(space: SearchSpace, cands: Candidates, a: Assignment, cap: np.n
             if len(others) * len(on_top) > SWAP_PAIRS:  # partners on the least-loaded ranks only
                 order = np.argsort(loads, kind="stable")
                 per_rank = np.bincount(units.rank[others], minlength=W)[order]
-                kept = order[: int(np.searchsorted(np.cumsum(per_rank), SWAP_PAIRS // len(on_top))) + 1]
-                others = others[np.isin(units.rank[others], kept)]
+                kept = np.zeros(W, dtype=bool)
+                kept[order[: int(np.searchsorted(np.cumsum(per_rank), SWAP_PAIRS // len(on_top))) + 1]] = True
+                others = others[kept[units.rank[others]]]
             if len(others):
                 ro = units.rank[others]
                 delta = p[:, None] - units.perf[others][None, :]
@@ -199,20 +199,22 @@ def _gather(space, a, kind, best_single, loads, free) -> Optional[Tuple[int, int
     gather = np.nonzero((kind[opts] == UNIFORM) & (space.opt_count[opts] == W) & (best_single >= 0))[0]
     if not len(gather) or W == 1:
         return None
-    up, um = space.expand_full(opts[gather], space.run_total), space.expand_full(opts[gather], space.run_mem)
-    sp = space.opt_run[best_single[gather]]  # single shard: one run
-    base = loads[None, :] - up
-    fits = (free[None, :, :] + um >= space.run_mem[sp][:, None, :]).all(2)
-    dest = np.argmin(np.where(fits, base, np.inf), axis=1)
-    rows = np.arange(len(gather))
-    ok = fits[rows, dest]
-    new = base.copy()
-    new[rows, dest] += space.run_total[sp]
-    peaks = np.where(ok, new.max(1), np.inf)
-    k = int(np.argmin(peaks))
-    if not np.isfinite(peaks[k]):
+    best = (np.inf, -1, -1)
+    for chunk in np.array_split(gather, -(-len(gather) * W // GATHER_CELLS)):  # bounded (tables x ranks) arrays
+        up, um = space.expand_full(opts[chunk], space.run_total), space.expand_full(opts[chunk], space.run_mem)
+        sp = space.opt_run[best_single[chunk]]  # single shard: one run
+        base = loads[None, :] - up
+        fits = (free[None, :, :] + um >= space.run_mem[sp][:, None, :]).all(2)
+        dest = np.argmin(np.where(fits, base, np.inf), axis=1)
+        rows = np.arange(len(chunk))
+        base[rows, dest] += space.run_total[sp]
+        peaks = np.where(fits[rows, dest], base.max(1), np.inf)
+        k = int(np.argmin(peaks))
+        if peaks[k] < best[0]:
+            best = (float(peaks[k]), int(chunk[k]), int(dest[k]))
+    if not np.isfinite(best[0]):
         return None
-    return int(gather[k]), int(best_single[gather[k]]), np.array([int(dest[k])])
+    return best[1], int(best_single[best[1]]), np.array([best[2]])
 
 
 def _reinsertions(space, cands, a, st: RankState, top: int) -> List[List[Tuple[int, int, np.ndarray]]]:

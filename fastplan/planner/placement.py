@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from fastplan.planner.assignment import Assignment, rank_loads, rank_memory
 from fastplan.planner.search_space import DEVICE, HOST_DEVICE, HOST_UNIFORM, UNIFORM, SearchSpace
 
 Placed = Tuple[np.ndarray, float]  # (rank of each shard, highest load among the ranks it touches)
@@ -32,6 +33,14 @@ class RankState:
         self.free = cap.copy()
         self._scale: Optional[np.ndarray] = None
 
+    @classmethod
+    def holding(cls, space: SearchSpace, cap: np.ndarray, a: Assignment) -> "RankState":
+        """The state with every table of `a` placed."""
+        state = cls(space, cap)
+        state.loads = rank_loads(space, a)
+        state.free = cap - rank_memory(space, a)
+        return state
+
     def add(self, o: int, ranks: np.ndarray, sign: int = 1) -> None:
         s = self.space
         if len(ranks) == self.loads.shape[0] and self.placement[o] == UNIFORM:  # shard i on rank i
@@ -49,8 +58,13 @@ class RankState:
         ties), or None if they cannot fit. `by_memory`: instead put each shard where it leaves the
         least free memory (best fit), to pack tight memory."""
         s = self.space
-        p, mem = s.perf_of(o), s.mem_of(o)
         kind = self.placement[o]
+        if kind == DEVICE and not by_memory and s.opt_count[o] == 1:
+            run = s.opt_run[o]
+            least = int(np.argmin(self.loads))  # the least-loaded rank, when it has room, is the answer
+            if (self.free[least] >= s.run_mem[run]).all():
+                return np.array([least]), float(self.loads[least] + s.run_total[run])
+        p, mem = s.perf_of(o), s.mem_of(o)
         if kind == UNIFORM:
             if np.any(mem > self.free):
                 return None

@@ -4,8 +4,8 @@
 Stages, each deterministic (stable orderings, lowest-index ties, CP-SAT on one worker under a
 deterministic-time limit), so every rank computes the same plan:
 1. starts: the perf-driven greedy, TorchRec's own default search replayed on the vectorized
-   model (so the result is never worse than TorchRec's), and each table's least-work option; if none
-   fits, memory-first packing;
+   model (so the result is never worse than TorchRec's), each table's least-work option, and, when
+   those cannot all fit, options priced by work and memory; if none fits, memory-first packing;
    if that fails too, the exact CP-SAT model — which either finds a plan or proves none exists;
 2. local search from every start not far behind the best start; the best result is kept;
 3. when the best is still far from the cheap bound: the LP relaxation's option choice, packed best-fit
@@ -25,10 +25,10 @@ from fastplan.planner.assignment import Assignment, rank_loads, rank_memory
 from fastplan.planner.bound import MIN_GAP, LPSolution, PlacementLP
 from fastplan.planner.candidates import Candidates
 from fastplan.planner.errors import infeasible_error
-from fastplan.planner.greedy import least_work_greedy, memory_greedy, perf_greedy
+from fastplan.planner.greedy import least_work_greedy, memory_greedy, perf_greedy, priced_greedy
 from fastplan.planner.local_search import local_search
 from fastplan.planner.placement import RankState, capacity
-from fastplan.planner.search_space import SearchSpace
+from fastplan.planner.search_space import DEVICE, UNIFORM, SearchSpace
 
 __all__ = ["Assignment", "SearchConfig", "SearchResult", "rank_loads", "rank_memory", "search"]
 
@@ -50,6 +50,7 @@ class SearchConfig:
     lp_deterministic_time: float = 2.0  # GLOP budget for the LP-guided plan (0: skip)
     max_lp_options: int = 40_000  # larger LPs are not solved while planning
     pack_steps: int = 8  # bisection steps of the LP-guided packing's target makespan
+    loose_packing: float = 4.0  # when nothing packs below the incumbent, targets up to this multiple of it
     start_slack: float = 0.25  # starts this far above the best start get no local search
 
     def scaled_to(self, timeout_s: Optional[float]) -> "SearchConfig":
@@ -99,9 +100,16 @@ def lower_bound(cands: Candidates, world_size: int) -> float:
 
 def _unplaceable(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[int]:
     """A table none of whose options fits even on empty ranks (then no plan exists)."""
+    opts = np.concatenate(cands.by_table)
+    # Surely placeable: every shard fits the smallest rank, each on a rank (or host rank) of its own.
+    kind, count = space.opt_placement[opts], space.opt_count[opts]
+    room = np.where(kind == DEVICE, space.world_size, np.where(kind == UNIFORM, count, space.host_size * (space.num_hosts > 0)))
+    sure = (space.opt_max_mem[opts] <= cap.min(0)).all(1) & (count <= room)
+    settled = np.zeros(len(space.tables), dtype=bool)
+    settled[space.opt_table[opts[sure]]] = True
     empty = RankState(space, cap)
-    for t, opts in enumerate(cands.by_table):
-        if not any(empty.place(o) is not None for o in opts.tolist()):
+    for t in np.flatnonzero(~settled).tolist():
+        if not any(empty.place(o) is not None for o in cands.by_table[t].tolist()):
             return t
     return None
 
@@ -127,18 +135,18 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
     in_time = lambda: deadline is None or time.monotonic() < deadline  # noqa: E731
     t0 = time.perf_counter()
     stats: Dict[str, object] = {}
-    starts: Dict[str, Assignment] = {}
-    greedy = perf_greedy(space, cands, cap)
-    if greedy is not None:
-        starts["greedy"] = greedy
+    starts: Dict[str, Optional[Assignment]] = dict.fromkeys(("greedy", "torchrec", "least-work", "priced"))  # ties: first wins
+    starts["least-work"] = least_work_greedy(space, cands, cap)
+    starts["priced"] = priced_greedy(space, cands, cap)
     if config.replay_budget and in_time():
         r = replay(space, cap, config.replay_budget)
         stats["torchrec_replay"] = {"proposals": r.proposals, "complete": r.complete, "makespan": r.makespan} if r else None
         if r is not None:
             starts["torchrec"] = Assignment(r.option, r.ranks)
-    least_work = least_work_greedy(space, cands, cap)
-    if least_work is not None:
-        starts["least-work"] = least_work
+    # Run last, it gives up once sure to end too far behind another start to get local search.
+    known = [float(rank_loads(space, a).max()) for a in starts.values() if a is not None]
+    starts["greedy"] = perf_greedy(space, cands, cap, (1 + config.start_slack) * min(known, default=np.inf))
+    starts = {name: a for name, a in starts.items() if a is not None}
     if not starts:
         packed = memory_greedy(space, cands, cap)
         if packed is not None:
@@ -205,7 +213,8 @@ def search(space: SearchSpace, hbm_cap: np.ndarray, ddr_cap: np.ndarray, config:
 def _lp_guided(space: SearchSpace, cands: Candidates, cap: np.ndarray, lb: float, makespan: float,
                config: SearchConfig):
     """The LP relaxation (model and solution) and, if it solved, the plan packed from its option
-    choice below `makespan`, after local search: (assignment, loads) or None."""
+    choice under the lowest target that packs (below `makespan`, or else up to `loose_packing` times it),
+    after local search: (assignment, loads) or None."""
     from fastplan.planner.packing import lp_choice, pack_below
 
     model = PlacementLP(space, cands, cap)
@@ -214,6 +223,8 @@ def _lp_guided(space: SearchSpace, cands: Candidates, cap: np.ndarray, lb: float
         return None, None
     choice = lp_choice(space, model.opts, solution.x)
     packed = pack_below(space, cands, cap, choice, max(solution.value, lb), makespan, config.pack_steps)
+    if packed is None:  # nothing packs below the incumbent: local search may bring a looser packing below it
+        packed = pack_below(space, cands, cap, choice, makespan, config.loose_packing * makespan, config.pack_steps)
     if packed is None:
         return (model, solution), None
     return (model, solution), local_search(space, cands, packed, cap, config.local_search_steps)
