@@ -51,7 +51,7 @@ class FastPlanLoader(PlanLoader):
                 shards = [
                     Shard(size=list(size), offset=list(offset), rank=rank, storage=Storage(hbm=hbm, ddr=ddr, ssd=ssd),
                           perf=Perf(**dict(zip(PERF_FIELDS, perf))))
-                    for size, offset, rank, hbm, ddr, ssd, perf in zip(e.sizes, e.offsets, e.ranks, e.hbm, e.ddr, e.ssd, e.perf)
+                    for rank, size, offset, hbm, ddr, ssd, perf in e.rows()
                 ]
                 option = ShardingOption(
                     name=name, tensor=torch.empty(shape, device="meta"), module=(path, placeholder), input_lengths=[],

@@ -29,7 +29,8 @@ from torchrec.distributed.types import (
 from fastplan.planner.stats import PlanReport
 
 FORMAT = "fastplan-plan"
-VERSION = 1
+VERSION = 2  # 2: per-shard estimates may be written once for identical shards
+READABLE = (1, 2)
 PERF_FIELDS = ("fwd_compute", "fwd_comms", "bwd_compute", "bwd_comms", "input_dist_comms", "prefetch_compute")
 
 
@@ -62,8 +63,9 @@ class TableDoc(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class TableEstimates(msgspec.Struct, forbid_unknown_fields=True):
-    """A table's TorchRec planner `Shard`s (a data-parallel table has one per rank), one list entry per
-    shard: where it is, and the planner's storage (bytes) and perf (ms, columns `PERF_FIELDS`) estimates."""
+    """A table's TorchRec planner `Shard`s (a data-parallel table has one per rank): where each is, and
+    the planner's storage (bytes) and perf (ms, columns `PERF_FIELDS`) estimates, one list entry per
+    shard, or a single entry that holds for every shard (the identical shards of a data-parallel table)."""
 
     ranks: List[int]
     sizes: List[List[int]]
@@ -73,7 +75,24 @@ class TableEstimates(msgspec.Struct, forbid_unknown_fields=True):
     ssd: List[int]
     perf: List[List[float]]
 
+    def __post_init__(self) -> None:
+        for name in SHARD_FIELDS:
+            if len(getattr(self, name)) not in (1, len(self.ranks)):
+                raise ValueError(f"'{name}' has {len(getattr(self, name))} entries for {len(self.ranks)} shards (1 or one per shard)")
 
+    def rows(self) -> List[tuple]:
+        """Per shard: (rank, size, offset, hbm, ddr, ssd, perf)."""
+        n = len(self.ranks)
+        columns = [getattr(self, name) for name in SHARD_FIELDS]
+        return list(zip(self.ranks, *(c * n if len(c) == 1 and n > 1 else c for c in columns)))
+
+    @classmethod
+    def compact(cls, ranks: List[int], **fields: list) -> "TableEstimates":
+        """Fields whose entries are all equal are written once."""
+        return cls(ranks=ranks, **{k: v[:1] if len(v) > 1 and all(x == v[0] for x in v) else v for k, v in fields.items()})
+
+
+SHARD_FIELDS = ("sizes", "offsets", "hbm", "ddr", "ssd", "perf")
 _NULL = msgspec.Raw(b"null")
 PlanDoc = Dict[str, Dict[str, TableDoc]]  # module path -> table -> sharding
 Estimates = Dict[str, Dict[str, TableEstimates]]  # module path -> table -> its shards
@@ -81,7 +100,7 @@ Estimates = Dict[str, Dict[str, TableEstimates]]  # module path -> table -> its 
 
 class FileDoc(msgspec.Struct, forbid_unknown_fields=True):
     format: Literal["fastplan-plan"]
-    version: Literal[1]
+    version: Literal[1, 2]
     plan: PlanDoc
     key: Optional[str] = None
     report: Optional[PlanReport] = None
@@ -104,7 +123,8 @@ def _decode_field(raw: msgspec.Raw, schema: Any, name: str) -> Any:
     try:
         return msgspec.json.decode(raw, type=schema)
     except msgspec.ValidationError as e:
-        raise PlanFileError(f"{name}: {e}") from e
+        at_fault = _table_at_fault(msgspec.json.decode(raw), TableEstimates) if name == "estimates" else None
+        raise PlanFileError(f"{name}: {at_fault or e}") from e
 
 
 class _Header(msgspec.Struct):
@@ -272,8 +292,8 @@ def decode_plan(data: bytes, source: str = "plan file", lazy: bool = False) -> P
             header = _HEADER.decode(data)
         except msgspec.DecodeError:
             header = None
-        if header is not None and header.version != VERSION:
-            raise PlanFileError(f"{source}: plan file version {header.version}; this fastplan reads version {VERSION}") from e
+        if header is not None and header.version not in READABLE:
+            raise PlanFileError(f"{source}: plan file version {header.version}; this fastplan reads versions {READABLE}") from e
         raise PlanFileError(f"{source}: not a valid fastplan plan file ({_name_table(data, e)})") from e
     try:
         plan = _sharding_plan(doc.plan)
@@ -292,14 +312,19 @@ def _name_table(data: bytes, error: Exception) -> str:
     """msgspec elides dict keys from error paths ("$.plan[...][...].ranks"): find the table at fault."""
     if "$.plan[...]" not in str(error):
         return str(error)
-    for path, tables in msgspec.json.decode(data)["plan"].items():
+    return _table_at_fault(msgspec.json.decode(data)["plan"], TableDoc) or str(error)
+
+
+def _table_at_fault(tables_by_path: Any, schema: type) -> Optional[str]:
+    for path, tables in (tables_by_path.items() if isinstance(tables_by_path, dict) else ()):
         for name, entry in (tables.items() if isinstance(tables, dict) else ()):
             try:
-                msgspec.convert(entry, TableDoc, dec_hook=_refuse_type)
+                msgspec.convert(entry, schema, dec_hook=_refuse_type)
             except msgspec.ValidationError as e:
                 message, _, at = str(e).partition(" - at `$")
-                return f"table '{name}' ({path or 'root module'}): field '{at.rstrip('`').lstrip('.')}': {message}"
-    return str(error)
+                where = f": field '{at.rstrip('`').lstrip('.')}'" if at.rstrip("`") else ""
+                return f"table '{name}' ({path or 'root module'}){where}: {message}"
+    return None
 
 
 def write_atomic(path: os.PathLike, data: bytes) -> None:
@@ -335,8 +360,8 @@ def estimates_from_options(options: List[Any]) -> Estimates:
     out: Estimates = {}
     for so in options:
         shards = so.shards
-        out.setdefault(so.path, {})[so.name] = TableEstimates(
-            ranks=[int(s.rank) for s in shards], sizes=[list(map(int, s.size)) for s in shards],
+        out.setdefault(so.path, {})[so.name] = TableEstimates.compact(
+            [int(s.rank) for s in shards], sizes=[list(map(int, s.size)) for s in shards],
             offsets=[list(map(int, s.offset)) for s in shards], hbm=[int(s.storage.hbm) for s in shards],
             ddr=[int(s.storage.ddr) for s in shards], ssd=[int(s.storage.ssd) for s in shards],
             perf=[[float(getattr(s.perf, f)) for f in PERF_FIELDS] for s in shards],

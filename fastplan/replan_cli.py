@@ -76,7 +76,7 @@ def table_states(plan_file, strict: bool = True) -> Dict[str, TableState]:
         if not boxes:
             path, _, name = key.rpartition(".")
             e = estimates.get(path, {}).get(name)
-            boxes = list(zip(e.offsets, e.sizes)) if e is not None else []
+            boxes = [(offset, size) for _, size, offset, *_ in e.rows()] if e is not None else []
         if not boxes:
             if not strict:
                 continue

@@ -105,7 +105,7 @@ def test_a_pickled_payload_is_rejected_and_never_run(tmp_path, marker):
         (lambda d: d["plan"][""]["table_0"].update(cache_params={"load_factor": "high"}), "'table_0' (root module): field 'cache_params.load_factor': Expected `float | null`"),
         (lambda d: d["plan"][""]["table_0"].update(cache_params={"stats": {"x": 1}}), "CacheStatistics cannot be read"),
         (lambda d: d["plan"][""]["table_0"].update(surprise=1), "surprise"),
-        (lambda d: d.update(version=2), "plan file version 2"),
+        (lambda d: d.update(version=3), "plan file version 3"),
         (lambda d: d.pop("format"), "format"),
     ],
 )
@@ -167,3 +167,53 @@ def test_distributed_model_parallel_accepts_a_loaded_plan(tmp_path):
     _plan_file(tmp_path, world=2, device="cpu", n=6)
     results = run_ranks(_dmp_with_loaded_plan, world=2, args=(str(tmp_path / "p.plan"),), timeout_s=120)
     assert results == {0: ("ok", True), 1: ("ok", True)}, results
+
+
+def _dp_plan_file(tmp_path):
+    """A plan whose table_0 is data-parallel on 4 ranks (four identical shards), dumped from the cache's entry."""
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    planner = FastShardingPlanner(topology=Topology(world_size=4, compute_device="cuda"), cache=PlanCache(tmp_path / "cache"),
+                                  debug=False, constraints={"table_0": ParameterConstraints(sharding_types=["data_parallel"])})
+    module = ebc(report_tables(5))
+    plan = planner.plan(module, SHARDERS)
+    planner.last_plan_file.dump(tmp_path / "p.plan")
+    return module, plan
+
+
+def test_identical_shards_are_written_once_and_loaded_one_per_rank(tmp_path):
+    module, plan = _dp_plan_file(tmp_path)
+    doc = json.loads((tmp_path / "p.plan").read_text())
+    dp = doc["estimates"][""]["table_0"]
+    assert doc["version"] == 2 and dp["ranks"] == [0, 1, 2, 3]
+    assert all(len(dp[f]) == 1 for f in ("sizes", "offsets", "hbm", "ddr", "ssd", "perf"))
+    options = FastPlanLoader(tmp_path / "p.plan").load()
+    shards = next(o for o in options.values() if o.name == "table_0").shards
+    assert [s.rank for s in shards] == [0, 1, 2, 3] and len({(s.perf.total, s.storage.hbm) for s in shards}) == 1
+    stock = EmbeddingShardingPlanner(topology=Topology(world_size=4, compute_device="cuda"),
+                                     plan_loader=FastPlanLoader(tmp_path / "p.plan"), debug=False)
+    assert table_digests(stock.plan(module, SHARDERS)) == table_digests(plan)
+
+
+def test_a_version_1_file_listing_every_shard_still_loads(tmp_path):
+    _dp_plan_file(tmp_path)
+    compact = load_plan(tmp_path / "p.plan").estimates
+    doc = json.loads((tmp_path / "p.plan").read_text())
+    for tables in doc["estimates"].values():
+        for e in tables.values():
+            for f in ("sizes", "offsets", "hbm", "ddr", "ssd", "perf"):
+                e[f] = e[f] * len(e["ranks"]) if len(e[f]) == 1 else e[f]
+    doc["version"] = 1
+    (tmp_path / "v1.plan").write_text(json.dumps(doc))
+    full = load_plan(tmp_path / "v1.plan").estimates
+    assert {k: {t: e.rows() for t, e in v.items()} for k, v in full.items()} == \
+        {k: {t: e.rows() for t, e in v.items()} for k, v in compact.items()}
+
+
+def test_estimates_with_neither_one_entry_nor_one_per_shard_are_rejected_naming_the_table(tmp_path):
+    _dp_plan_file(tmp_path)
+    doc = json.loads((tmp_path / "p.plan").read_text())
+    doc["estimates"][""]["table_0"]["perf"] *= 2
+    (tmp_path / "p.plan").write_text(json.dumps(doc))
+    with pytest.raises(PlanFileError, match=r"table 'table_0' \(root module\): 'perf' has 2 entries for 4 shards"):
+        load_plan(tmp_path / "p.plan")
