@@ -86,15 +86,15 @@ def build_report(
     a = result.assignment
     opts = a.option.tolist()
     at = np.concatenate(a.ranks) if opts else np.zeros(0, np.int64)
-    perf, mem = np.zeros(W), np.zeros((W, 3), np.int64)
-    if opts:  # added shard by shard in table order, as the search adds them
-        np.add.at(perf, at, np.concatenate([space.perf_of(o) for o in opts]))
-        np.add.at(mem, at, np.concatenate([space.mem_of(o) for o in opts]))
+    # bincount adds shard by shard in table order, as the search adds them (bytes: exact below 2**53)
+    perf = np.bincount(at, space.expand_options(a.option, space.run_total), minlength=W)
+    mem = np.stack([np.bincount(at, m, minlength=W) for m in space.expand_options(a.option, space.run_mem).T], 1)
+    mem = mem.astype(np.int64)
     names = sorted(set(space.opt_type[a.option].tolist()))
-    kind = np.repeat(np.searchsorted(names, space.opt_type[a.option].astype(str)), [len(r) for r in a.ranks])
-    by_kind = np.zeros((W, len(names)), np.int64)
-    np.add.at(by_kind, (at, kind), 1)
-    table = np.repeat(np.arange(len(opts)), [len(r) for r in a.ranks])
+    shards = [len(r) for r in a.ranks]
+    kind = np.repeat(np.searchsorted(names, space.opt_type[a.option].astype(str)), shards)
+    by_kind = np.bincount(at * len(names) + kind, minlength=W * len(names)).reshape(W, len(names))
+    table = np.repeat(np.arange(len(opts)), shards)
     cells = np.sort(table * W + at)  # (table, rank) pairs; a sort is faster than np.unique's hash here
     tables = np.bincount(cells[np.r_[True, cells[1:] != cells[:-1]]] % W, minlength=W) if opts else np.zeros(W, np.int64)
     short = [_SHORT.get(n, n) for n in names]
