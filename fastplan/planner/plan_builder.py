@@ -130,14 +130,15 @@ def estimates_from_space(space: SearchSpace, a: Assignment):
     from fastplan.planfile import PERF_FIELDS as FILE_FIELDS, TableEstimates
 
     columns = [PERF_FIELDS.index(f) for f in FILE_FIELDS]
-    perf = space.run_perf[:, columns]
-    out = {}
-    for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
-        table = space.tables[t]
-        sizes, offsets = space.geometry_of(o)
-        mem = space.mem_of(o)
+    sizes, offsets = (x.tolist() for x in space.geometry(a.option))
+    mem = space.expand_options(a.option, space.run_mem).T.tolist()
+    perf = space.expand_options(a.option, space.run_perf[:, columns]).tolist()
+    out, at = {}, 0
+    for table, ranks in zip(space.tables, a.ranks):
+        end = at + len(ranks)
         out.setdefault(table.path, {})[table.name] = TableEstimates(
-            ranks=ranks.tolist(), sizes=sizes.tolist(), offsets=offsets.tolist(), hbm=mem[:, 0].tolist(),
-            ddr=mem[:, 1].tolist(), ssd=mem[:, 2].tolist(), perf=space.expand(o, perf).tolist(),
+            ranks=ranks.tolist(), sizes=sizes[at:end], offsets=offsets[at:end], hbm=mem[0][at:end],
+            ddr=mem[1][at:end], ssd=mem[2][at:end], perf=perf[at:end],
         )
+        at = end
     return out
