@@ -274,9 +274,9 @@ def _option_lists(tables: List[TableInfo], world: int, group: int) -> Tuple[np.n
     per_table = np.diff(bounds)[which]
     o_table = np.repeat(np.arange(len(tables)), per_table)
     entry = np.repeat(bounds[:-1][which], per_table) + _local_index(per_table)
-    types = np.array([st for st, _ in flat] or [""], dtype=object)
+    types = np.array([st for st, _ in flat], dtype=object)
     o_type = types[entry]
-    o_kernel = np.array([k for _, k in flat] or [""], dtype=object)[entry]
+    o_kernel = np.array([k for _, k in flat], dtype=object)[entry]
 
     by_cols = np.isin(types, (CW, TWCW))
     fixed = np.array([{TW: 1, RW: world, DP: world, TWRW: group}.get(st, 0) for st in types.tolist()], dtype=np.int64)
