@@ -127,7 +127,7 @@ class SearchSpace:
     def expand_options(self, options: np.ndarray, values: np.ndarray) -> np.ndarray:
         """`values` (one row per run) for every shard of `options`, one option after another."""
         runs = self._runs_of(options)
-        return values[np.repeat(runs, self.run_len[runs])]
+        return np.repeat(values[runs], self.run_len[runs], axis=0)
 
     def geometry(self, options: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(sizes, offsets) of every shard of `options`, one option after another, (shards, 2) each."""
