@@ -39,10 +39,9 @@ class Candidates:
         # and the same freedom of placement (a single shard confined to hosts is not a table-wise one
         # when some ranks are in no host).
         anywhere = (self.placement == DEVICE) | (s.num_hosts * s.host_size == s.world_size) | (self.placement == UNIFORM)
-        single = (count == 1) & anywhere
-        shape = np.where(single, "single", s.opt_type.astype(str))
-        _, keys = np.unique(np.stack([s.opt_table, count, np.unique(shape, return_inverse=True)[1]], 1), axis=0, return_inverse=True)
-        keys = keys.ravel()
+        kinds, shape = s.type_codes
+        shape = np.where((count == 1) & anywhere, len(kinds), shape)  # "single"
+        keys = (s.opt_table * (int(count.max(initial=0)) + 1) + count) * (len(kinds) + 1) + shape
         order = np.lexsort((np.arange(n), self.work, keys))
         ks = keys[order]
         bounds = np.flatnonzero(np.diff(ks, prepend=-1, append=-1))

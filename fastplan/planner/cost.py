@@ -111,9 +111,23 @@ class CostModel:
             self._device_bw[key] = float(bw)
         return self._device_bw[key]
 
+    def _device_bws(self, tables: List[TableInfo], opt_table: np.ndarray, opt_kernel: np.ndarray) -> np.ndarray:
+        """`device_bw` of each option: per kernel, looked up by its table's cache settings."""
+        settings: Dict[Tuple[Optional[float], bool], int] = {}
+        setting = np.array([settings.setdefault((t.cache_load_factor, t.prefetch_pipeline), len(settings)) for t in tables],
+                           dtype=np.int64)[opt_table]
+        out = np.empty(len(opt_table))
+        todo = np.ones(len(opt_table), dtype=bool)
+        while todo.any():
+            kernel = opt_kernel[np.argmax(todo)]
+            sel = opt_kernel == kernel
+            out[sel] = np.array([self.device_bw(kernel, *s) for s in settings])[setting[sel]]
+            todo &= ~sel
+        return out
+
     # ---- perf -------------------------------------------------------------------------------
     def perf(self, tables: List[TableInfo], opt_table: np.ndarray, opt_type: np.ndarray,
-             opt_kernel: List[str], opt_dim: np.ndarray) -> np.ndarray:
+             opt_kernel: np.ndarray, opt_dim: np.ndarray) -> np.ndarray:
         """Perf components (n_options x 6) of one shard of each option; all shards of an option cost the same."""
         W = float(self.world)
         G = float(self.group)
@@ -125,9 +139,7 @@ class CostModel:
         comm = np.array([t.comm_data_type_sizes() for t in tables], dtype=float).reshape(-1, 4)[opt_table]
         fa2a, ba2a, fsr, bsr = comm.T
         rows = np.array([t.rows for t in tables], dtype=float)[opt_table]
-        dbw = np.array(
-            [self.device_bw(k, tables[i].cache_load_factor, tables[i].prefetch_pipeline) for i, k in zip(opt_table.tolist(), opt_kernel)]
-        )
+        dbw = self._device_bws(tables, opt_table, opt_kernel)
         dim = opt_dim.astype(float)
         out = np.zeros((len(opt_table), 6))
         wmul = np.where(weighted, 2.0, 1.0)

@@ -17,7 +17,7 @@ from torchrec.distributed.types import ModuleSharder
 
 from fastplan.planner.cost import CostModel, fast_model_applies, storage_usage_supported
 from fastplan.planner.search_space import SearchSpace, build_search_space, from_sharding_options
-from fastplan.planner.tables import TableInfo, collect_tables
+from fastplan.planner.tables import TableInfo, collect_tables, needs_torchrec_estimator
 
 
 class FastEnumerator(EmbeddingEnumerator):
@@ -86,5 +86,6 @@ class FastEnumerator(EmbeddingEnumerator):
         return (
             fast_model_applies(config)
             and not custom_memory
-            and all(storage_usage_supported(t) and not t.needs_torchrec_estimator() for t in tables)
+            and all(storage_usage_supported(t) for t in tables)
+            and not needs_torchrec_estimator(tables)
         )

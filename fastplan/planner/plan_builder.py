@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+import numpy as np
+
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.planner.enumerators import get_partition_by_type
 from torchrec.distributed.planner.types import Perf, Shard, ShardingOption, Storage
@@ -26,32 +28,26 @@ def _constraint_settings(table) -> dict:
 
 def to_sharding_plan(space: SearchSpace, a: Assignment, compute_device: str) -> ShardingPlan:
     """One `ParameterSharding` per table, grouped by module path, as TorchRec's planner emits."""
-    plan = {}
-    local = space.local_world_size
-    for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
-        table = space.tables[t]
-        st = str(space.opt_type[o])
-        rank_list = [int(r) for r in ranks]
+    types = space.opt_type[a.option]
+    sharded = types != DP  # data-parallel tables have no sharding spec
+    sizes, offsets = (x.tolist() for x in space.geometry(a.option[sharded]))
+    places = [placement(compute_device, r, space.local_world_size) for r in range(space.world_size)]
+    plan, at = {}, 0
+    for table, st, kernel, ranks, has_spec in zip(
+        space.tables, types.tolist(), space.opt_kernel[a.option].tolist(), a.ranks, sharded.tolist()
+    ):
+        rank_list = np.asarray(ranks).tolist()
         spec = None
-        if st != DP:
-            sizes, offsets = space.geometry_of(o)
-            spec = EnumerableShardingSpec(
-                [
-                    ShardMetadata(
-                        shard_sizes=size,
-                        shard_offsets=offset,
-                        placement=placement(compute_device, r, local),
-                    )
-                    for size, offset, r in zip(sizes.tolist(), offsets.tolist(), rank_list)
-                ]
-            )
+        if has_spec:
+            end = at + len(rank_list)
+            spec = EnumerableShardingSpec([
+                ShardMetadata(shard_sizes=size, shard_offsets=offset, placement=places[r])
+                for size, offset, r in zip(sizes[at:end], offsets[at:end], rank_list)
+            ])
+            at = end
         module_plan = plan.setdefault(table.path, EmbeddingModuleShardingPlan())
         module_plan[table.name] = ParameterSharding(
-            sharding_spec=spec,
-            sharding_type=st,
-            compute_kernel=str(space.opt_kernel[o]),
-            ranks=rank_list,
-            **_constraint_settings(table),
+            sharding_spec=spec, sharding_type=st, compute_kernel=kernel, ranks=rank_list, **_constraint_settings(table),
         )
     return ShardingPlan(plan)
 
@@ -103,8 +99,6 @@ def assignment_from_plan(space: SearchSpace, plan: ShardingPlan) -> Assignment:
     """The assignment a `ShardingPlan` describes, in `space`'s terms (its tables must be in the
     plan with options of the space). Shards are matched by offset, so the plan's shard order does
     not matter."""
-    import numpy as np
-
     by_key = {}
     for o, (t, st, k) in enumerate(zip(space.opt_table.tolist(), space.opt_type.tolist(), space.opt_kernel.tolist())):
         by_key[(t, st, k)] = o
@@ -136,14 +130,15 @@ def estimates_from_space(space: SearchSpace, a: Assignment):
     from fastplan.planfile import PERF_FIELDS as FILE_FIELDS, TableEstimates
 
     columns = [PERF_FIELDS.index(f) for f in FILE_FIELDS]
-    perf = space.run_perf[:, columns]
-    out = {}
-    for t, (o, ranks) in enumerate(zip(a.option.tolist(), a.ranks)):
-        table = space.tables[t]
-        sizes, offsets = space.geometry_of(o)
-        mem = space.mem_of(o)
+    sizes, offsets = (x.tolist() for x in space.geometry(a.option))
+    mem = space.expand_options(a.option, space.run_mem).T.tolist()
+    perf = space.expand_options(a.option, space.run_perf[:, columns]).tolist()
+    out, at = {}, 0
+    for table, ranks in zip(space.tables, a.ranks):
+        end = at + len(ranks)
         out.setdefault(table.path, {})[table.name] = TableEstimates(
-            ranks=ranks.tolist(), sizes=sizes.tolist(), offsets=offsets.tolist(), hbm=mem[:, 0].tolist(),
-            ddr=mem[:, 1].tolist(), ssd=mem[:, 2].tolist(), perf=space.expand(o, perf).tolist(),
+            ranks=ranks.tolist(), sizes=sizes[at:end], offsets=offsets[at:end], hbm=mem[0][at:end],
+            ddr=mem[1][at:end], ssd=mem[2][at:end], perf=perf[at:end],
         )
+        at = end
     return out

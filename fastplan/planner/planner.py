@@ -37,6 +37,7 @@ from fastplan.planner.bound import DEFAULT_TIME_S, plan_bound
 from fastplan.planner.enumerator import FastEnumerator
 from fastplan.planner.errors import InfeasiblePlanError
 from fastplan.planner.plan_builder import estimates_from_space, to_sharding_options, to_sharding_plan
+from fastplan.planner.reservation import reserve
 from fastplan.planner.search import SearchConfig, SearchResult, search
 from fastplan.planner.search_space import SearchSpace, from_sharding_options
 from fastplan.planner.stats import PlanReport, build_report
@@ -284,10 +285,7 @@ class FastShardingPlanner(EmbeddingShardingPlanner):
     def _reserve(self, module: nn.Module, sharders) -> np.ndarray:
         """(world_size, 3) bytes per rank of hbm, ddr and ssd left for embeddings after the storage
         reservation (which TorchRec keeps as `last_reserved_topology`)."""
-        reserved = self._storage_reservation.reserve(
-            topology=self._topology, batch_size=self._batch_size, module=module,
-            sharders=sharders, constraints=self._constraints,
-        )
+        reserved = reserve(self._storage_reservation, self._topology, self._batch_size, module, sharders, self._constraints)
         return np.array([[d.storage.hbm, d.storage.ddr, d.storage.ssd] for d in reserved.devices], dtype=np.int64)
 
     def _plan_tables(self, module, sharders, tables: Optional[List[TableInfo]], start: float,

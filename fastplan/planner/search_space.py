@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torchrec.distributed.planner.types import ShardingOption
@@ -96,16 +96,21 @@ class SearchSpace:
         """(n_options, 3) bytes of each option's largest shard, per tier."""
         return self._per_option(np.maximum, self.run_mem).astype(np.int64)
 
+    @cached_property
+    def _option_runs(self) -> List[Tuple[int, int, int]]:
+        """(first run, end run, shards) of each option as Python ints: searches look them up per placement."""
+        return list(zip(self.opt_run.tolist(), (self.opt_run + self.opt_runs).tolist(), self.opt_count.tolist()))
+
     def runs(self, option: int) -> slice:
-        r = int(self.opt_run[option])
-        return slice(r, r + int(self.opt_runs[option]))
+        first, end, _ = self._option_runs[option]
+        return slice(first, end)
 
     def expand(self, option: int, values: np.ndarray) -> np.ndarray:
         """`values` (one row per run) for each of the option's shards."""
-        r = self.runs(option)
-        if self.opt_count[option] == 1:
-            return values[r]
-        return np.repeat(values[r], self.run_len[r], axis=0)
+        first, end, shards = self._option_runs[option]
+        if shards == 1:
+            return values[first:end]
+        return values[first:end].repeat(shards if end - first == 1 else self.run_len[first:end], axis=0)
 
     def perf_of(self, option: int) -> np.ndarray:
         """`Perf.total` of each of the option's shards."""
@@ -117,9 +122,18 @@ class SearchSpace:
 
     def geometry_of(self, option: int) -> Tuple[np.ndarray, np.ndarray]:
         """(sizes, offsets) of the option's shards, (shards, 2) each."""
-        r = self.runs(option)
-        k = _local_index(self.run_len[r])
-        run = np.repeat(np.arange(r.start, r.stop), self.run_len[r])
+        return self.geometry(np.array([option]))
+
+    def expand_options(self, options: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """`values` (one row per run) for every shard of `options`, one option after another."""
+        runs = self._runs_of(options)
+        return np.repeat(values[runs], self.run_len[runs], axis=0)
+
+    def geometry(self, options: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(sizes, offsets) of every shard of `options`, one option after another, (shards, 2) each."""
+        runs = self._runs_of(options)
+        run = np.repeat(runs, self.run_len[runs])
+        k = _local_index(self.run_len[runs])
         return self.run_size[run], self.run_offset[run] + k[:, None] * self.run_step[run]
 
     def expand_full(self, options: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -177,8 +191,14 @@ class SearchSpace:
         return self.run_total[self._shard_run]
 
     @cached_property
+    def type_codes(self) -> Tuple[List[str], np.ndarray]:
+        """(the sharding types present, each option's index into that list)."""
+        return value_codes(self.opt_type)
+
+    @cached_property
     def opt_placement(self) -> np.ndarray:
-        return np.array([PLACEMENT[t] for t in self.opt_type.tolist()], dtype=np.int8)
+        kinds, codes = self.type_codes
+        return np.array([PLACEMENT[k] for k in kinds], dtype=np.int8)[codes]
 
     @property
     def num_hosts(self) -> int:
@@ -232,15 +252,58 @@ def from_shards(tables: List[TableInfo], world_size: int, local_world_size: int,
     )
 
 
-def _shard_count(st: str, table: TableInfo, world: int, group: int) -> int:
-    if st in (TW,):
-        return 1
-    if st in (RW, DP):
-        return world
-    if st == TWRW:
-        return group
-    block = _get_block_size_for_cw_shard(table.dim, table.col_wise_shard_dim)
-    return table.dim // block
+def _option_lists(tables: List[TableInfo], world: int, group: int) -> Tuple[np.ndarray, ...]:
+    """(table, sharding type, kernel, shard count, columns) of every option, in TorchRec's order:
+    by table, then the table's sharding types and kernels. Tables share their module's option lists
+    unless constrained, so each distinct list is expanded once."""
+    lists: Dict[Tuple[int, int], int] = {}
+    flat: List[Tuple[str, str]] = []
+    starts: List[int] = []
+    has_cw: List[bool] = []
+    which = np.empty(len(tables), np.int64)
+    for i, t in enumerate(tables):
+        key = (id(t.sharding_types), id(t.kernels))  # both live as long as `tables`
+        j = lists.get(key)
+        if j is None:
+            j = lists[key] = len(starts)
+            starts.append(len(flat))
+            flat.extend((st, k) for st in t.sharding_types for k in t.kernels[st])
+            has_cw.append(CW in t.kernels or TWCW in t.kernels)
+        which[i] = j
+    bounds = np.array(starts + [len(flat)], dtype=np.int64)
+    per_table = np.diff(bounds)[which]
+    o_table = np.repeat(np.arange(len(tables)), per_table)
+    entry = np.repeat(bounds[:-1][which], per_table) + _local_index(per_table)
+    types = np.array([st for st, _ in flat], dtype=object)
+    o_type = types[entry]
+    o_kernel = np.array([k for _, k in flat], dtype=object)[entry]
+
+    by_cols = np.isin(types, (CW, TWCW))
+    fixed = np.array([{TW: 1, RW: world, DP: world, TWRW: group}.get(st, 0) for st in types.tolist()], dtype=np.int64)
+    dim = np.array([t.dim for t in tables], dtype=np.int64)
+    blocks = np.ones(len(tables), np.int64)
+    block_of: Dict[Tuple[int, Optional[int]], int] = {}
+    for i in np.flatnonzero(np.array(has_cw, dtype=bool)[which]).tolist():
+        key = (tables[i].dim, tables[i].col_wise_shard_dim)
+        if key not in block_of:
+            block_of[key] = _get_block_size_for_cw_shard(*key)
+        blocks[i] = block_of[key]
+    cw = by_cols[entry]
+    o_count = np.where(cw, (dim // blocks)[o_table], fixed[entry])
+    o_cols = np.where(cw, dim[o_table] // np.maximum(o_count, 1), dim[o_table])
+    return o_table, o_type, o_kernel, o_count, o_cols
+
+
+def value_codes(values: np.ndarray) -> Tuple[List[object], np.ndarray]:
+    """(distinct values in order of first appearance, each element's index into them) of an array
+    with few distinct values (faster than `np.unique`, which sorts, on strings)."""
+    distinct: List[object] = []
+    codes = np.full(len(values), -1, dtype=np.int64)
+    while (todo := codes < 0).any():
+        value = values[np.argmax(todo)]
+        codes[values == value] = len(distinct)
+        distinct.append(value)
+    return distinct, codes
 
 
 def _local_index(counts: np.ndarray) -> np.ndarray:
@@ -251,22 +314,7 @@ def _local_index(counts: np.ndarray) -> np.ndarray:
 def build_search_space(tables: List[TableInfo], cost: CostModel) -> SearchSpace:
     """Enumerate options the way TorchRec's `EmbeddingEnumerator` does and cost them in bulk."""
     world, group = cost.world, cost.group
-    opt_table, opt_type, opt_kernel, opt_count, opt_cols = [], [], [], [], []
-    for i, t in enumerate(tables):
-        for st in t.sharding_types:
-            n = _shard_count(st, t, world, group)
-            cols = t.dim // n if st in (CW, TWCW) else t.dim
-            for k in t.kernels[st]:
-                opt_table.append(i)
-                opt_type.append(st)
-                opt_kernel.append(k)
-                opt_count.append(n)
-                opt_cols.append(cols)
-    o_table = np.array(opt_table, dtype=np.int64)
-    o_type = np.array(opt_type, dtype=object)
-    o_kernel = np.array(opt_kernel, dtype=object)
-    o_count = np.array(opt_count, dtype=np.int64)
-    o_cols = np.array(opt_cols, dtype=np.int64)
+    o_table, o_type, o_kernel, o_count, o_cols = _option_lists(tables, world, group)
     n_opt = len(o_table)
 
     # Up to three runs per option: full shards, a shorter last one (row-wise kinds), empty ones past
@@ -291,7 +339,7 @@ def build_search_space(tables: List[TableInfo], cost: CostModel) -> SearchSpace:
     r_cols = o_cols[r_opt]
     r_offset = np.stack([off_rows[keep], np.zeros_like(r_rows)], 1)
 
-    perf = cost.perf(tables, o_table, o_type, opt_kernel, o_cols)
+    perf = cost.perf(tables, o_table, o_type, o_kernel, o_cols)
     hbm, ddr = cost.storage(tables, o_table[r_opt], o_type[r_opt], o_kernel[r_opt], r_rows, r_cols)
     return SearchSpace(
         tables=tables,

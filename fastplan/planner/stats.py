@@ -86,17 +86,16 @@ def build_report(
     a = result.assignment
     opts = a.option.tolist()
     at = np.concatenate(a.ranks) if opts else np.zeros(0, np.int64)
-    perf, mem = np.zeros(W), np.zeros((W, 3), np.int64)
-    if opts:  # added shard by shard in table order, as the search adds them
-        np.add.at(perf, at, np.concatenate([space.perf_of(o) for o in opts]))
-        np.add.at(mem, at, np.concatenate([space.mem_of(o) for o in opts]))
+    # bincount adds shard by shard in table order, as the search adds them (bytes: exact below 2**53)
+    perf = np.bincount(at, space.expand_options(a.option, space.run_total), minlength=W)
+    mem = np.stack([np.bincount(at, m, minlength=W) for m in space.expand_options(a.option, space.run_mem).T], 1)
+    mem = mem.astype(np.int64)
     names = sorted(set(space.opt_type[a.option].tolist()))
-    kind = np.repeat(np.searchsorted(names, space.opt_type[a.option].astype(str)), [len(r) for r in a.ranks])
-    by_kind = np.zeros((W, len(names)), np.int64)
-    np.add.at(by_kind, (at, kind), 1)
-    table = np.repeat(np.arange(len(opts)), [len(r) for r in a.ranks])
-    cells = np.sort(table * W + at)  # (table, rank) pairs; a sort is faster than np.unique's hash here
-    tables = np.bincount(cells[np.r_[True, cells[1:] != cells[:-1]]] % W, minlength=W) if opts else np.zeros(W, np.int64)
+    shards = [len(r) for r in a.ranks]
+    kind = np.repeat(np.searchsorted(names, space.opt_type[a.option].astype(str)), shards)
+    by_kind = np.bincount(at * len(names) + kind, minlength=W * len(names)).reshape(W, len(names))
+    table = np.repeat(np.arange(len(opts)), shards)
+    tables = _tables_per_rank(table, at, len(opts), W)
     short = [_SHORT.get(n, n) for n in names]
     ranks = [
         RankStats(r, p, h, d, int(hc), int(dc), {short[k]: c for k, c in enumerate(row) if c}, t)
@@ -116,6 +115,20 @@ def build_report(
         bound_note="" if bound is None else bound.note(),
         bound_seconds=0.0 if bound is None else bound.seconds,
     )
+
+
+def _tables_per_rank(table: np.ndarray, at: np.ndarray, n_tables: int, W: int) -> np.ndarray:
+    """Per rank, how many tables have shards there (`table`, sorted, and `at`: each shard's table and rank;
+    a table's shards may share a rank). Marks (table, rank) cells in blocks of tables, which is faster
+    than sorting the cells when tables have hundreds of shards."""
+    out = np.zeros(W, np.int64)
+    block = max(1, (1 << 24) // W)
+    for first in range(0, n_tables, block):
+        lo, hi = np.searchsorted(table, [first, first + block])
+        cells = np.zeros((min(block, n_tables - first), W), dtype=bool)
+        cells[table[lo:hi] - first, at[lo:hi]] = True
+        out += np.count_nonzero(cells, axis=0)
+    return out
 
 
 def _gap(makespan: float, bound: float) -> float:

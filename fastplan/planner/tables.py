@@ -101,15 +101,16 @@ class TableInfo:
             fsr, bsr = q["POOLED_EMBEDDINGS_REDUCE_SCATTER"]
         return fa2a, ba2a, fsr, bsr
 
-    def needs_torchrec_estimator(self) -> bool:
-        """Features the vectorized model does not re-derive (TorchRec's estimators handle them)."""
-        c = self.constraint
-        if c is not None and (c.key_value_params or c.use_virtual_table or c.device_group):
+
+def needs_torchrec_estimator(tables: List[TableInfo]) -> bool:
+    """Whether any of the tables has features the vectorized model does not re-derive."""
+    for t in tables:
+        c = t.constraint
+        if c is not None and (c.key_value_params or c.use_virtual_table or c.device_group
+                              or (c.cache_params is not None and c.cache_params.stats is not None)):
             return True
-        cp = self.cache_params
-        if cp is not None and cp.stats is not None:
-            return True
-        return any(k not in FAST_KERNELS for ks in self.kernels.values() for k in ks)
+    kernel_lists = {id(t.kernels): t.kernels for t in tables}.values()  # a module's unconstrained tables share one
+    return any(k not in FAST_KERNELS for kernels in kernel_lists for ks in kernels.values() for k in ks)
 
 
 def _filter_kernels(allowed: List[str], constraint: Optional[ParameterConstraints], has_ssd: bool) -> List[str]:
