@@ -126,19 +126,30 @@ def assignment_from_plan(space: SearchSpace, plan: ShardingPlan) -> Assignment:
 
 def estimates_from_space(space: SearchSpace, a: Assignment):
     """The chosen options' per-shard estimates for a plan file, as `planfile.estimates_from_options`
-    reads them from `to_sharding_options`, without building TorchRec objects."""
+    reads them from `to_sharding_options` (a field equal on every shard written once), without
+    building TorchRec objects or a Python object per identical shard."""
     from fastplan.planfile import PERF_FIELDS as FILE_FIELDS, TableEstimates
 
-    columns = [PERF_FIELDS.index(f) for f in FILE_FIELDS]
-    sizes, offsets = (x.tolist() for x in space.geometry(a.option))
-    mem = space.expand_options(a.option, space.run_mem).T.tolist()
-    perf = space.expand_options(a.option, space.run_perf[:, columns]).tolist()
+    perf_runs = space.run_perf[:, [PERF_FIELDS.index(f) for f in FILE_FIELDS]]
+    o = a.option
+    run = space.opt_run[o]
+    # One run whose shards do not move: every field is the same on every shard.
+    same = (space.opt_runs[o] == 1) & ((space.run_len[run] == 1) | (space.run_step[run] == 0).all(1))
+    size1, offset1 = space.run_size[run].tolist(), space.run_offset[run].tolist()
+    mem1, perf1 = space.run_mem[run].tolist(), perf_runs[run].tolist()
+    listed = o[~same]
+    sizes, offsets = (x.tolist() for x in space.geometry(listed))
+    mem = space.expand_options(listed, space.run_mem).T.tolist()
+    perf = space.expand_options(listed, perf_runs).tolist()
     out, at = {}, 0
-    for table, ranks in zip(space.tables, a.ranks):
-        end = at + len(ranks)
-        out.setdefault(table.path, {})[table.name] = TableEstimates(
-            ranks=ranks.tolist(), sizes=sizes[at:end], offsets=offsets[at:end], hbm=mem[0][at:end],
-            ddr=mem[1][at:end], ssd=mem[2][at:end], perf=perf[at:end],
-        )
-        at = end
+    for t, (table, ranks) in enumerate(zip(space.tables, a.ranks)):
+        if same[t]:
+            hbm, ddr, ssd = mem1[t]
+            e = TableEstimates(ranks.tolist(), [size1[t]], [offset1[t]], [hbm], [ddr], [ssd], [perf1[t]])
+        else:
+            end = at + len(ranks)
+            e = TableEstimates.compact(ranks.tolist(), sizes=sizes[at:end], offsets=offsets[at:end], hbm=mem[0][at:end],
+                                       ddr=mem[1][at:end], ssd=mem[2][at:end], perf=perf[at:end])
+            at = end
+        out.setdefault(table.path, {})[table.name] = e
     return out
