@@ -65,6 +65,7 @@ class Row:
     rss_before_plan_mb: Optional[float] = None  # fastplan process after imports and model, before plan()
     deterministic: Optional[bool] = None  # the same fastplan plan in every repeat
     plans: Dict[str, dict] = field(default_factory=dict, repr=False)
+    table_set: str = "report"
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -206,11 +207,12 @@ def torchrec_perf(tables: int, world: int, plans: Dict[str, dict], full: bool = 
 
 
 # ---- one instance -------------------------------------------------------------------------------
-def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
-    spec = work / f"tables_{tables}.json"
-    write_spec(tables, spec, args.table_set)
+def measure(tables: int, world: int, args, work: Path, progress=print, table_set: Optional[str] = None) -> Row:
+    table_set = table_set or args.table_set
+    spec = work / f"tables_{table_set}_{tables}.json"
+    write_spec(tables, spec, table_set)
     local = args.local_world_size
-    row = Row(tables, world, Run(), Run(), Run())
+    row = Row(tables, world, Run(), Run(), Run(), table_set=table_set)
 
     progress(f"{tables} tables / {world} ranks: fastplan x{args.repeats}")
     results = []
@@ -251,7 +253,7 @@ def measure(tables: int, world: int, args, work: Path, progress=print) -> Row:
     if row.plans and tables <= args.score_max:
         progress(f"{tables} tables / {world} ranks: scoring {len(row.plans)} plan(s) with TorchRec's estimators")
         try:
-            for planner, perf in torchrec_perf(tables, world, row.plans, local=local, table_set=args.table_set).items():
+            for planner, perf in torchrec_perf(tables, world, row.plans, local=local, table_set=table_set).items():
                 getattr(row, planner).perf = perf
         except ValueError as e:  # keep the timings of a long run; say which plan could not be scored
             progress(f"{tables} tables / {world} ranks: not scored: {e}")
@@ -336,11 +338,18 @@ def _span(values: List[float]) -> str:
     return low if low == high else f"{low}-{high}"
 
 
+def _sets(rows: List[Row], default: str) -> str:
+    used = sorted({r.table_set for r in rows}) or [default]
+    if len(used) == 1:
+        return f"the '{used[0]}' set"
+    return "; ".join(f"the '{ts}' set for " + ", ".join(f"{r.tables}/{r.ranks}" for r in rows if r.table_set == ts) for ts in used)
+
+
 def legend(rows: List[Row], repeats: int, table_set: str = "report", local: Optional[int] = None) -> str:
     before = [r.rss_before_plan_mb for r in rows if r.rss_before_plan_mb is not None]
     per_host = sorted({local_world_size(r.ranks, local) for r in rows})
     lines = [
-        f"tables: the '{table_set}' set (seed 0); ranks per host: {', '.join(map(str, per_host))}",
+        f"tables (seed 0): {_sets(rows, table_set)}; ranks per host: {', '.join(map(str, per_host))}",
         f"cold: fastplan's first plan() in a fresh process, empty cache (median of {repeats}); warm: plan() again, cache hit",
         "CLI: `fastplan plan --tables SPEC --world-size N --out FILE`, process start to exit, empty cache",
         "RSS: peak resident memory of the planning process (interpreter, imports, model, planning)"
@@ -408,21 +417,27 @@ def _positive(kind):
     return parse
 
 
-def _pair(text: str) -> Tuple[int, int]:
+def _pair(text: str) -> Tuple[Optional[str], int, int]:
+    """[SET:]TABLES:RANKS -> (set or None, tables, ranks)."""
+    from fastplan.models import TABLE_SETS
+
+    *table_set, counts = text.split(":", text.count(":") - 1) if text.count(":") > 1 else [text]
+    if table_set and table_set[0] not in TABLE_SETS:
+        raise argparse.ArgumentTypeError(f"unknown table set {table_set[0]!r} in {text!r} (known: {', '.join(TABLE_SETS)})")
     try:
-        tables, ranks = (int(v) for v in text.split(":"))
+        tables, ranks = (int(v) for v in counts.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TABLES:RANKS, e.g. 1000:1024, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected [SET:]TABLES:RANKS, e.g. 1000:1024 or scale:1000:1024, got {text!r}") from None
     if tables <= 0 or ranks <= 0:
         raise argparse.ArgumentTypeError(f"table and rank counts must be positive, got {text!r}")
-    return tables, ranks
+    return (table_set[0] if table_set else None), tables, ranks
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The benchmark's options (also `fastplan bench`'s)."""
     ap.add_argument("--sizes", type=_positive(int), nargs="+", metavar="N", default=[20, 50, 100, 500, 1000], help="table counts")
     ap.add_argument("--world-sizes", type=_positive(int), nargs="+", metavar="N", default=[8, 16], help="ranks")
-    ap.add_argument("--pairs", type=_pair, nargs="+", metavar="TABLES:RANKS",
+    ap.add_argument("--pairs", type=_pair, nargs="+", metavar="[SET:]TABLES:RANKS",
                     help="instances to run instead of every size x world size")
     ap.add_argument("--lp-max", type=int, default=20_000,
                     help="largest table count whose LP bound is solved (untimed, up to 120 s) after a plan() that skipped it")
@@ -446,9 +461,9 @@ def execute(args, out=sys.stdout) -> List[Row]:
     progress = lambda msg: print(f"plan_time: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     print(header(), file=out, flush=True)
     with tempfile.TemporaryDirectory(prefix="plan_time_") as work:
-        pairs = args.pairs or [(tables, world) for world in args.world_sizes for tables in args.sizes]
-        for tables, world in pairs:
-            row = measure(tables, world, args, Path(work), progress)
+        pairs = args.pairs or [(None, tables, world) for world in args.world_sizes for tables in args.sizes]
+        for table_set, tables, world in pairs:
+            row = measure(tables, world, args, Path(work), progress, table_set)
             rows.append(row)
             print(format_row(row), file=out, flush=True)
     print(legend(rows, args.repeats, args.table_set, args.local_world_size), file=out)
