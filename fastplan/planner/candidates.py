@@ -47,7 +47,7 @@ class Candidates:
         bounds = np.flatnonzero(np.diff(ks, prepend=-1, append=-1))
         starts, sizes = bounds[:-1], np.diff(bounds)
         first, second = [], []
-        for k in np.unique(sizes[sizes > 1]).tolist():  # groups hold a few kernels x sharding types
+        for k in np.flatnonzero(np.bincount(sizes[sizes > 1])).tolist():  # groups hold a few kernels x sharding types
             a, b = np.triu_indices(k, 1)
             base = starts[sizes == k][:, None]
             first.append(order[(base + a[None, :]).ravel()])

@@ -182,8 +182,9 @@ class _Proposers:
         self.depth = np.maximum.reduceat(total, starts)
         self.width = np.add.reduceat(total * space.run_len, starts)
         big, tot = space.opt_max_mem, space.opt_mem
-        # GreedyProposer's "largest storage": (max hbm, sum hbm, max ddr, sum ddr) over shards.
-        self.storage = list(zip(big[:, 0].tolist(), tot[:, 0].tolist(), big[:, 1].tolist(), tot[:, 1].tolist()))
+        # GreedyProposer's "largest storage": (max hbm, sum hbm, max ddr, sum ddr) over shards, negated
+        # for a min-heap.
+        self.neg_storage = list(zip(*((-c).tolist() for c in (big[:, 0], tot[:, 0], big[:, 1], tot[:, 1]))))
         by_table = space.options_by_table()
         self.by_depth = [sorted(o.tolist(), key=self.depth.__getitem__) for o in by_table]
         self.by_width = [sorted(o.tolist(), key=self.width.__getitem__) for o in by_table]
@@ -204,7 +205,7 @@ class _Proposers:
         proposal = np.array([o[0] for o in lists], dtype=np.int64)
         work = float(self.width[proposal].sum())
         width = self.width.tolist()
-        heap = [(_neg(self.storage[o[0]]), t) for t, o in enumerate(lists) if len(o) > 1]
+        heap = [(self.neg_storage[o[0]], t) for t, o in enumerate(lists) if len(o) > 1]
         heapq.heapify(heap)
         while True:
             yield proposal, work
@@ -215,7 +216,7 @@ class _Proposers:
             work += width[lists[t][index[t]]] - width[proposal[t]]
             proposal[t] = lists[t][index[t]]
             if index[t] + 1 < len(lists[t]):
-                heapq.heappush(heap, (_neg(self.storage[lists[t][index[t]]]), t))
+                heapq.heappush(heap, (self.neg_storage[lists[t][index[t]]], t))
 
     def all(self) -> Iterator[Tuple[np.ndarray, float]]:
         """Every proposal with its total work."""
@@ -228,10 +229,6 @@ class _Proposers:
             for p in itertools.product(*self.by_depth):
                 a = np.array(p, dtype=np.int64)
                 yield a, float(self.width[a].sum())
-
-
-def _neg(key: Tuple[int, ...]) -> Tuple[int, ...]:
-    return tuple(-k for k in key)
 
 
 def replay(space: SearchSpace, cap: np.ndarray, budget: int) -> Optional[Replay]:
