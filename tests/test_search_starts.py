@@ -1,5 +1,7 @@
-"""The search's starts: each table's least-work option wins when tables are many per rank, and a
-start far behind the best gets no local search."""
+"""The search's starts: each table's least-work option wins when tables are many per rank; memory
+too small for those options gets options priced by memory; a start far behind the best gets no local
+search, and the perf greedy gives up once sure to be that far behind; a table that fits nowhere is
+found exactly."""
 
 import numpy as np
 import torch
