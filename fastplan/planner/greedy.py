@@ -61,7 +61,8 @@ def least_work_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) ->
     near the bound where `perf_greedy` trades work for a flat peak early on. None if a table fits nowhere."""
     if any(len(o) == 0 for o in cands.by_table):
         return None
-    return _cheapest_first(space, cands, cap, _PricedOptions(cands, cap), 0.0)
+    least = np.array([o[0] for o in cands.by_table])  # by_table is sorted by work
+    return _cheapest_first(space, cands, cap, least, lambda t: cands.by_table[t].tolist())
 
 
 def priced_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Optional[Assignment]:
@@ -80,19 +81,19 @@ def priced_greedy(space: SearchSpace, cands: Candidates, cap: np.ndarray) -> Opt
         if price is None or price in tried:
             continue
         tried.add(price)
-        a = _cheapest_first(space, cands, cap, priced, price)
+        cost, cheapest = priced.choose(price)
+        a = _cheapest_first(space, cands, cap, priced.options[cheapest], lambda t: priced.ranked(t, cost))
         if a is not None:
             return a
     return None
 
 
-def _cheapest_first(space: SearchSpace, cands: Candidates, cap: np.ndarray, priced: "_PricedOptions", price: float
+def _cheapest_first(space: SearchSpace, cands: Candidates, cap: np.ndarray, chosen: np.ndarray, options_of
                     ) -> Optional[Assignment]:
-    """Each table its cheapest option at `price` that fits, spread options first, then largest shard first."""
-    cost, cheapest = priced.choose(price)
-    chosen = priced.options[cheapest]
+    """Tables with spread `chosen` options first, then by largest shard, each placed with the first of
+    `options_of(table)` that fits."""
     order = np.lexsort((np.arange(len(chosen)), -cands.max_shard[chosen], space.opt_placement[chosen] != UNIFORM))
-    return _first_that_fits(space, cap, order.tolist(), lambda t: priced.ranked(t, cost))
+    return _first_that_fits(space, cap, order.tolist(), options_of)
 
 
 class _PricedOptions:
