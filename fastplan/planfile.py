@@ -84,7 +84,7 @@ class TableEstimates(msgspec.Struct, forbid_unknown_fields=True):
         """Per shard: (rank, size, offset, hbm, ddr, ssd, perf)."""
         n = len(self.ranks)
         columns = [getattr(self, name) for name in SHARD_FIELDS]
-        return list(zip(self.ranks, *(c * n if len(c) == 1 and n > 1 else c for c in columns)))
+        return list(zip(self.ranks, *(c * n if len(c) == 1 else c for c in columns)))
 
     @classmethod
     def compact(cls, ranks: List[int], **fields: list) -> "TableEstimates":
@@ -119,11 +119,12 @@ def _refuse_type(tp: type, obj: Any) -> Any:
 _ENCODER = msgspec.json.Encoder(enc_hook=_refuse)
 _DECODER = msgspec.json.Decoder(FileDoc, dec_hook=_refuse_type)
 
-def _decode_field(raw: msgspec.Raw, schema: Any, name: str) -> Any:
+def _decode_field(raw: msgspec.Raw, schema: Any, name: str, table_schema: Optional[type] = None) -> Any:
+    """`table_schema`: the field is tables by module path, each of this schema; errors name the table."""
     try:
         return msgspec.json.decode(raw, type=schema)
     except msgspec.ValidationError as e:
-        at_fault = _table_at_fault(msgspec.json.decode(raw), TableEstimates) if name == "estimates" else None
+        at_fault = _table_at_fault(msgspec.json.decode(raw), table_schema) if table_schema else None
         raise PlanFileError(f"{name}: {at_fault or e}") from e
 
 
@@ -166,7 +167,7 @@ class PlanFile:
         if callable(self._estimates):  # kept beside the file (the cache's sidecar), read on first use
             self._estimates = self._estimates()
         if isinstance(self._estimates, (msgspec.Raw, bytes)):
-            self._estimates = _decode_field(self._estimates, Optional[Estimates], "estimates")
+            self._estimates = _decode_field(self._estimates, Optional[Estimates], "estimates", TableEstimates)
         return self._estimates
 
 

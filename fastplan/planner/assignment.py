@@ -26,12 +26,13 @@ def rank_loads(space: SearchSpace, a: Assignment) -> np.ndarray:
     """Per rank the summed `Perf.total` of the assignment's shards, added in table then shard order:
     the order every search stage adds them in, so the same plan always gives bit-equal loads."""
     loads = np.zeros(space.world_size)
-    ends = np.cumsum(space.opt_count[a.option])
+    counts = space.opt_count[a.option]
+    ends = np.cumsum(counts)
     start = 0
     while start < len(a.option):
-        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - space.opt_count[a.option[start]] + SHARDS_AT_ONCE, "right")))
-        runs = space._runs_of(a.option[start:stop])
-        np.add.at(loads, np.concatenate(a.ranks[start:stop]).astype(np.int64), np.repeat(space.run_total[runs], space.run_len[runs]))
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - counts[start] + SHARDS_AT_ONCE, "right")))
+        shard_perf = space.expand_options(a.option[start:stop], space.run_total)
+        np.add.at(loads, np.concatenate(a.ranks[start:stop]).astype(np.int64), shard_perf)
         start = stop
     return loads
 
@@ -43,7 +44,6 @@ def rank_memory(space: SearchSpace, a: Assignment) -> np.ndarray:
     used = space.uniform_sum(a.option[full], space.run_mem.astype(np.int64))
     rest = np.flatnonzero(~full)
     if len(rest):
-        runs = space._runs_of(a.option[rest])
         np.add.at(used, np.concatenate([a.ranks[t] for t in rest.tolist()]).astype(np.int64),
-                  np.repeat(space.run_mem[runs], space.run_len[runs], axis=0))
+                  space.expand_options(a.option[rest], space.run_mem))
     return used
